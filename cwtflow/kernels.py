@@ -1,0 +1,135 @@
+"""Wavelet and approximation kernels of the CWT filter (pure numpy)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.table import Table
+
+from .errors import InputError
+
+__all__ = ["CWTKernels", "gaussian_kernel", "kernel_size", "ricker_kernel"]
+
+
+def kernel_size(width: float) -> int:
+    """Side of the square grid a kernel of ``width`` is sampled on: ``ceil(8 * width)``, odd."""
+    n = math.ceil(8 * width)
+    return n + 1 if n % 2 == 0 else n
+
+
+def _radius2(width: float) -> np.ndarray:
+    half = kernel_size(width) // 2
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2
+
+
+def ricker_kernel(width: float) -> np.ndarray:
+    """2-D Ricker ("Mexican hat") wavelet of ``width`` pixels, analytic normalisation.
+
+    ``K(r) = 1 / (pi w^4) * (1 - r^2 / (2 w^2)) * exp(-r^2 / (2 w^2))`` sampled at integer
+    offsets on a ``kernel_size(width)`` square grid; not re-normalised.
+    """
+    r2 = _radius2(width)
+    w2 = width * width
+    return (1.0 - r2 / (2.0 * w2)) * np.exp(-r2 / (2.0 * w2)) / (math.pi * w2 * w2)
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """2-D Gaussian of ``sigma`` pixels, analytic normalisation (discrete sum slightly below 1)."""
+    r2 = _radius2(sigma)
+    s2 = sigma * sigma
+    return np.exp(-r2 / (2.0 * s2)) / (2.0 * math.pi * s2)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True)
+class CWTKernels:
+    """The kernels of a CWT run: one Ricker wavelet per scale and one Gaussian approximation.
+
+    Parameters
+    ----------
+    n_scale : int
+        Number of wavelet scales (>= 1).
+    min_scale : float
+        Smallest scale in pixels (> 0).
+    step_scale : float
+        Ratio between successive scales (> 1).
+
+    Attributes
+    ----------
+    scales : ndarray, shape (n_scale,)
+        ``min_scale * step_scale**i`` in pixels.
+    wavelets : tuple of ndarray
+        Wavelet kernel of each scale, width ``scales[i] * step_scale``; square, odd side.
+    approx : ndarray
+        Gaussian approximation kernel of sigma ``min_scale * step_scale**n_scale``.
+    halo : int
+        Half side of the largest kernel: the overlap (pixels) a tile needs on each side to
+        reproduce the whole-map convolution exactly.
+    """
+
+    n_scale: int
+    min_scale: float
+    step_scale: float
+    scales: np.ndarray = field(init=False, repr=False, compare=False)
+    wavelets: tuple[np.ndarray, ...] = field(init=False, repr=False, compare=False)
+    approx: np.ndarray = field(init=False, repr=False, compare=False)
+    halo: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_scale, bool) or int(self.n_scale) != self.n_scale or self.n_scale < 1:
+            raise InputError(f"n_scale must be a positive integer, got {self.n_scale!r}")
+        if not (np.isfinite(self.min_scale) and self.min_scale > 0):
+            raise InputError(f"min_scale must be a positive number, got {self.min_scale!r}")
+        if not (np.isfinite(self.step_scale) and self.step_scale > 1):
+            raise InputError(f"step_scale must be a number above 1, got {self.step_scale!r}")
+        object.__setattr__(self, "n_scale", int(self.n_scale))
+        object.__setattr__(self, "min_scale", float(self.min_scale))
+        object.__setattr__(self, "step_scale", float(self.step_scale))
+        scales = self.min_scale * self.step_scale ** np.arange(self.n_scale, dtype=np.float64)
+        wavelets = tuple(_frozen(ricker_kernel(s * self.step_scale)) for s in scales)
+        approx = _frozen(gaussian_kernel(self.approx_sigma))
+        object.__setattr__(self, "scales", _frozen(scales))
+        object.__setattr__(self, "wavelets", wavelets)
+        object.__setattr__(self, "approx", approx)
+        sizes = [k.shape[0] for k in (*wavelets, approx)]
+        object.__setattr__(self, "halo", max(sizes) // 2)
+
+    @property
+    def approx_sigma(self) -> float:
+        """Sigma (pixels) of the approximation kernel: one step beyond the largest scale."""
+        return self.min_scale * self.step_scale**self.n_scale
+
+    @property
+    def size(self) -> int:
+        """Side (pixels) of the largest kernel, ``2 * halo + 1``."""
+        return 2 * self.halo + 1
+
+    def info_table(self) -> Table:
+        """Kernel summary as a table with columns ``Name`` / ``Source`` (7 + 3 * n_scale rows)."""
+        rows: list[tuple[str, str]] = [
+            ("Number of scales", str(self.n_scale)),
+            ("Minimal scale", str(self.min_scale)),
+            ("Step scale", str(self.step_scale)),
+            ("Scales", " ".join(repr(float(s)) for s in self.scales)),
+            ("Approx kernel width", str(self.approx.shape[0])),
+            ("Approx kernel sum", str(self.approx.sum())),
+            ("Approx kernel max", str(self.approx.max())),
+        ]
+        for i, kernel in enumerate(self.wavelets):
+            rows += [
+                (f"Kernel {i} width", str(kernel.shape[0])),
+                (f"Kernel {i} sum", str(kernel.sum())),
+                (f"Kernel {i} max", str(kernel.max())),
+            ]
+        return Table(rows=rows, names=("Name", "Source"), dtype=(str, str))
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The three defining parameters, JSON-ready."""
+        return {"n_scale": self.n_scale, "min_scale": self.min_scale, "step_scale": self.step_scale}
