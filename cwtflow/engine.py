@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -154,6 +156,10 @@ class CWT:
         self,
         data: xr.Dataset,
         *,
+        chunks: int | tuple[int, int] | dict[str, int] | None = None,
+        store: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
         callback: Callable[[IterationInfo], None] | None = None,
     ) -> xr.Dataset:
         """Run the iteration on ``data`` and return the final state.
@@ -162,45 +168,62 @@ class CWT:
         ----------
         data : xarray.Dataset
             ``counts`` and ``background`` on (y, x) with the WCS in ``attrs["wcs"]`` (see
-            `cwtflow.make_maps`, `cwtflow.read_maps`). Not modified.
+            `cwtflow.make_maps`, `cwtflow.read_maps`). Not modified. A dask-backed Dataset runs
+            tile by tile (its chunks are the tiles).
+        chunks : int or (int, int) or dict, optional
+            Tile size (y, x) in pixels: chunk ``data`` and run tile by tile through dask.
+        store : path, optional
+            Zarr store receiving the inputs once and every iteration as its own group.
+        resume : bool
+            Continue the run in ``store`` from its last complete iteration.
+        overwrite : bool
+            Replace an existing ``store`` instead of refusing it.
         callback : callable, optional
             Called with an `IterationInfo` after every iteration (logging, progress bars).
 
         Returns
         -------
         xarray.Dataset
-            The state after the last iteration. ``attrs`` record ``iterations``, ``converged``,
-            ``residual_variance`` (one value per iteration) and the run ``parameters``.
+            The state after the last iteration (lazy and backed by the store when ``store`` is
+            given). ``attrs`` record ``iterations``, ``converged``, ``residual_variance`` (one
+            value per iteration) and the run ``parameters``.
         """
         data = validate_maps(data)
+        if chunks is not None:
+            data = data.chunk(_chunk_spec(chunks))
         wrap = self.wraps(data)
-        step = _InMemoryStep(self, data, wrap)
-        sink = _MemorySink(keep=self.keep_history)
-        state = sink.start(initial_state(data, self.kernels))
-        variances: list[float] = []
-        converged = False
-        for k in range(1, self.max_iter + 1):
+        if _is_lazy(data):
+            from .tiled import TiledStep
+
+            step: Any = TiledStep(self, data, wrap)
+        else:
+            step = _InMemoryStep(self, data, wrap)
+        if store is not None:
+            from .history import ZarrSink
+
+            sink: Any = ZarrSink(store, self, data, resume=resume, overwrite=overwrite)
+        elif resume:
+            raise InputError("resume=True needs a store to resume from")
+        else:
+            sink = _MemorySink(keep=self.keep_history)
+        state, done = sink.start(initial_state(data, self.kernels))
+        infos: list[IterationInfo] = list(done)
+        while len(infos) < self.max_iter and not (infos and infos[-1].converged):
+            k = len(infos) + 1
             new, stats = step(state)
             state, stats = sink.write(k, new, stats)
-            info = self._info(
-                k,
-                stats["residual_variance"],
-                variances[-1] if variances else None,
-                stats["support_size"],
-            )
+            previous = infos[-1].residual_variance if infos else None
+            info = self._info(k, stats["residual_variance"], previous, stats["support_size"])
             state = sink.complete(k, state, info)
-            variances.append(info.residual_variance)
-            converged = info.converged
+            infos.append(info)
             if callback is not None:
                 callback(info)
-            if converged:
-                break
         self.history = sink.history
         state.attrs.update(
             {
-                "iterations": len(variances),
-                "converged": converged,
-                "residual_variance": variances,
+                "iterations": len(infos),
+                "converged": bool(infos and infos[-1].converged),
+                "residual_variance": [i.residual_variance for i in infos],
                 "parameters": self.parameters(),
             }
         )
@@ -221,6 +244,25 @@ class CWT:
         ratio = variance_ratio(previous, variance)
         converged = k > 1 and ratio < self.tol
         return IterationInfo(k, variance, ratio, converged, support_size)
+
+
+def _is_lazy(data: xr.Dataset) -> bool:
+    return any(var.chunks is not None for var in data.variables.values())
+
+
+def _chunk_spec(chunks: int | tuple[int, int] | dict[str, int]) -> dict[str, int]:
+    """Normalise a tile size to xarray's ``{"y": ny, "x": nx}``."""
+    if isinstance(chunks, dict):
+        spec = {dim: chunks[dim] for dim in ("y", "x") if dim in chunks}
+    elif np.ndim(chunks) == 0:
+        spec = {"y": chunks, "x": chunks}
+    else:
+        ny, nx = chunks
+        spec = {"y": ny, "x": nx}
+    for dim, size in spec.items():
+        if isinstance(size, bool) or int(size) != size or size < 1:
+            raise InputError(f"chunk size along {dim} must be a positive integer, got {size!r}")
+    return {dim: int(size) for dim, size in spec.items()}
 
 
 class _InMemoryStep:
@@ -278,22 +320,32 @@ class _InMemoryStep:
 
 
 class _MemorySink:
-    """Where iterations go without a store: kept in memory (all of them with ``keep``)."""
+    """Where iterations go without a store: kept in memory (all of them with ``keep``).
+
+    A lazy (tiled) state is persisted with its stats in one compute, so the task graph of the
+    next iteration starts from materialised chunks instead of growing with the iterations.
+    """
 
     def __init__(self, *, keep: bool) -> None:
         self.keep = keep
         self.history: list[xr.Dataset] = []
 
-    def start(self, state: xr.Dataset) -> xr.Dataset:
+    def start(self, state: xr.Dataset) -> tuple[xr.Dataset, list[IterationInfo]]:
+        """The state to start from and the iterations already done (none in memory)."""
+        if _is_lazy(state):
+            (state,) = dask.persist(state)
         if self.keep:
             self.history.append(state)
-        return state
+        return state, []
 
     def write(
         self, k: int, state: xr.Dataset, stats: dict[str, Any]
     ) -> tuple[xr.Dataset, dict[str, Any]]:
         """Materialise iteration ``k``; returns the state to continue from and concrete stats."""
-        return state, stats
+        if _is_lazy(state):
+            state, stats = dask.persist(state, stats)
+            (stats,) = dask.compute(stats)
+        return state, {name: getattr(v, "item", lambda v=v: v)() for name, v in stats.items()}
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` done: its attrs record ``info``."""
