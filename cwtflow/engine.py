@@ -345,7 +345,7 @@ class _MemorySink:
         if _is_lazy(state):
             state, stats = dask.persist(state, stats)
             (stats,) = dask.compute(stats)
-        return state, {name: getattr(v, "item", lambda v=v: v)() for name, v in stats.items()}
+        return state, {name: np.asarray(v).item() for name, v in stats.items()}
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` done: its attrs record ``info``."""
