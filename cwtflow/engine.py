@@ -161,6 +161,7 @@ class CWT:
         resume: bool = False,
         overwrite: bool = False,
         callback: Callable[[IterationInfo], None] | None = None,
+        client: Any = None,
     ) -> xr.Dataset:
         """Run the iteration on ``data`` and return the final state.
 
@@ -180,6 +181,12 @@ class CWT:
             Replace an existing ``store`` instead of refusing it.
         callback : callable, optional
             Called with an `IterationInfo` after every iteration (logging, progress bars).
+        client : distributed.Client, optional
+            Run this call on that cluster (its scheduler serves every computation of the call;
+            see `cwtflow.cluster.open_client`). The run is always tiled: an in-memory ``data``
+            without ``chunks`` is cut into tiles of `CLUSTER_TILE` pixels per axis, and the
+            result (and ``history``) of an in-memory ``data`` without ``store`` is gathered back
+            into numpy; a dask-backed result stays on the cluster (compute it with the client).
 
         Returns
         -------
@@ -188,6 +195,16 @@ class CWT:
             given). ``attrs`` record ``iterations``, ``converged``, ``residual_variance`` (one
             value per iteration) and the run ``parameters``.
         """
+        if client is not None:
+            return self._analyze_on(
+                client,
+                data,
+                chunks=chunks,
+                store=store,
+                resume=resume,
+                overwrite=overwrite,
+                callback=callback,
+            )
         data = validate_maps(data)
         if chunks is not None:
             data = data.chunk(_chunk_spec(chunks))
@@ -229,6 +246,24 @@ class CWT:
         )
         return state
 
+    def _analyze_on(
+        self, client: Any, data: xr.Dataset, *, chunks: Any, store: Any, **kwargs: Any
+    ) -> xr.Dataset:
+        """`analyze` with ``client`` as the scheduler of every computation of the call."""
+        from distributed import Client
+
+        if not isinstance(client, Client):
+            raise InputError(f"client must be a distributed.Client, got {type(client).__name__}")
+        in_memory = isinstance(data, xr.Dataset) and not _is_lazy(data)
+        if chunks is None and in_memory:
+            chunks = CLUSTER_TILE
+        with dask.config.set(scheduler=client):
+            state = self.analyze(data, chunks=chunks, store=store, **kwargs)
+            if in_memory and store is None:
+                state = state.compute()
+                self.history = [h.compute() for h in self.history]
+        return state
+
     def _keep_mask(self, sig: np.ndarray, wrap: bool) -> np.ndarray:
         return core.clean_support(
             sig,
@@ -244,6 +279,10 @@ class CWT:
         ratio = variance_ratio(previous, variance)
         converged = k > 1 and ratio < self.tol
         return IterationInfo(k, variance, ratio, converged, support_size)
+
+
+#: Tile size (pixels per axis) of an in-memory map run on a cluster without ``chunks``.
+CLUSTER_TILE = 1024
 
 
 def _is_lazy(data: xr.Dataset) -> bool:
