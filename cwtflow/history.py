@@ -54,6 +54,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from astropy.table import Table
+from astropy.wcs import WCSCOMPARE_ANCILLARY
 
 from .analysis import difference as _difference
 from .analysis import images as _images
@@ -360,7 +361,8 @@ class ZarrSink:
                 f"{path} holds maps of shape {tuple(attrs['shape'])}, the input is {self.shape}"
             )
         stored_wcs = wcs_from_attrs(attrs)
-        if not stored_wcs.wcs.compare(wcs_from_attrs(self.data.attrs).wcs, tolerance=0):
+        other = wcs_from_attrs(self.data.attrs).wcs
+        if not stored_wcs.wcs.compare(other, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-10):
             raise StoreError(f"{path} holds maps with another WCS than the input's")
 
     # -- protocol ----------------------------------------------------------------------------
@@ -572,12 +574,12 @@ class ZarrSink:
         inputs = self._inputs_ds()
         names = [n for n in INPUT_VARS if n in self.data]
         stored_names = [n for n in INPUT_VARS if n in inputs]
+        expected = {n: (("y", "x"), self.shape, "f") for n in ("counts", "background", *names)}
+        _check_dataset(path, "inputs", inputs, expected)  # required arrays first
         if names != stored_names:
             raise StoreError(
                 f"{path} holds inputs {stored_names}, the input has {names}: other input maps"
             )
-        expected = {n: (("y", "x"), self.shape, "f") for n in names}
-        _check_dataset(path, "inputs", inputs, expected)
         group = _open_group(path, "inputs")
         stored = group.attrs.get("checksums")
         if not isinstance(stored, dict) or set(stored) != set(names):
