@@ -1,0 +1,226 @@
+"""Resume after SIGKILL: a real subprocess writing a store is killed at chosen moments, then the
+run is resumed and must end identical to an uninterrupted run.
+
+The child pauses itself at the chosen moment through monkeypatches that exist only in the child
+script below (production code has no test hooks): it writes a flag file and sleeps, and the
+test kills it with SIGKILL once the flag appears.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import random_arrays
+
+import cwtflow
+from cwtflow.history import COMPLETE, open_history
+from cwtflow.state import STATE_VARS
+
+SHAPE = (36, 44)
+SEED = 11
+KERNELS = cwtflow.CWTKernels(2, 2.0, 2.0)
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+
+    sys.path.insert(0, sys.argv[1])
+    from conftest import random_arrays
+    from zarr.storage import LocalStore
+
+    import cwtflow
+    import cwtflow.history as history
+
+    spec = json.loads(sys.argv[2])
+    store, flag, point, k = Path(spec["store"]), Path(spec["flag"]), spec["point"], spec["k"]
+
+    def pause():
+        flag.write_text("paused")
+        time.sleep(600)
+
+    original_set = LocalStore.set
+    written = []
+
+    async def set_and_maybe_pause(self, key, value):
+        await original_set(self, key, value)
+        if key.startswith(spec["prefix"]) and "/c/" in key:
+            written.append(key)
+            if len(written) == spec["after_chunks"]:
+                pause()
+
+    original_complete = history.ZarrSink.complete
+
+    def complete(self, j, state, info):
+        if point == "before_mark" and j == k:
+            pause()
+        out = original_complete(self, j, state, info)
+        if point == "after_complete" and j == k:
+            pause()
+        return out
+
+    original_rmtree = history.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if point == "mid_prune" and Path(path).name == f"{k - 1:04d}":
+            pause()
+        return original_rmtree(path, *args, **kwargs)
+
+    if point == "mid_write":
+        LocalStore.set = set_and_maybe_pause
+    history.ZarrSink.complete = complete
+    history.shutil.rmtree = rmtree
+
+    counts, background = random_arrays(spec["seed"], tuple(spec["shape"]))
+    data = cwtflow.make_maps(counts, background)
+    cwt = cwtflow.CWT(cwtflow.CWTKernels(2, 2.0, 2.0), **spec["options"])
+    cwt.analyze(data, store=store, chunks=spec["chunks"])
+    print("finished without pausing")
+    """
+)
+
+
+def options(keep: bool) -> dict:
+    return {"max_iter": 4, "tol": 0.0, "keep_history": keep}
+
+
+@pytest.fixture(scope="module")
+def maps():
+    return cwtflow.make_maps(*random_arrays(SEED, SHAPE))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(maps):
+    cwt = cwtflow.CWT(KERNELS, **options(True))
+    final = cwt.analyze(maps)
+    return final, cwt.history
+
+
+def run_and_kill(tmp_path: Path, point: str, k: int, *, keep: bool = True, **spec) -> Path:
+    """Run the child until it pauses at ``point`` (iteration ``k``), SIGKILL it, return the
+    store."""
+    store, flag = tmp_path / "run.zarr", tmp_path / "paused.flag"
+    spec = {
+        "store": str(store),
+        "flag": str(flag),
+        "point": point,
+        "k": k,
+        "prefix": spec.get("prefix", ""),
+        "after_chunks": spec.get("after_chunks", 0),
+        "seed": SEED,
+        "shape": list(SHAPE),
+        "options": options(keep),
+        "chunks": spec.get("chunks"),
+    }
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, tests_dir, json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                pytest.fail(f"child ended before pausing at {point}:\n{out}\n{err}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"child did not reach {point} in time")
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return store
+
+
+def marked(store: Path) -> dict[str, bool]:
+    """{iteration directory: marked complete} as left on disk."""
+    out = {}
+    for entry in sorted((store / "iterations").iterdir()):
+        if entry.is_dir():
+            try:
+                attrs = zarr.open_group(str(entry), mode="r").attrs
+                out[entry.name] = attrs.get(COMPLETE) is True
+            except FileNotFoundError:
+                out[entry.name] = False
+    return out
+
+
+def resume_and_compare(store: Path, maps, uninterrupted, *, keep: bool = True, **kwargs) -> None:
+    final, states = uninterrupted
+    cwt = cwtflow.CWT(KERNELS, **options(keep))
+    seen = []
+    result = cwt.analyze(maps, store=store, resume=True, callback=seen.append, **kwargs)
+    rtol = kwargs.get("rtol", 0.0)
+    for name in STATE_VARS:
+        expected, got = final[name].values, result[name].values
+        if rtol and expected.dtype != bool:
+            np.testing.assert_allclose(got, expected, rtol=rtol, atol=0, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+    assert result.attrs["residual_variance"] == final.attrs["residual_variance"]
+    history = open_history(store)
+    assert list(history.table()["residual_variance"]) == final.attrs["residual_variance"]
+    assert history.status == "max_iter reached"
+    if keep:
+        assert history.iterations == [0, 1, 2, 3, 4]
+        for k in (1, 3):
+            np.testing.assert_array_equal(history.state(k)["model"], states[k]["model"])
+    else:
+        assert history.iterations == [4]
+    return seen
+
+
+def test_kill_after_iteration_complete(tmp_path, maps, uninterrupted):
+    store = run_and_kill(tmp_path, "after_complete", 2)
+    assert marked(store) == {"0000": True, "0001": True, "0002": True}
+    seen = resume_and_compare(store, maps, uninterrupted)
+    assert [i.iteration for i in seen] == [3, 4]
+
+
+def test_kill_while_writing_an_iteration(tmp_path, maps, uninterrupted):
+    store = run_and_kill(tmp_path, "mid_write", 3, prefix="iterations/0003/", after_chunks=3)
+    assert marked(store) == {"0000": True, "0001": True, "0002": True, "0003": False}
+    assert open_history(store).iterations == [0, 1, 2]  # readers ignore the partial group
+    seen = resume_and_compare(store, maps, uninterrupted)
+    assert [i.iteration for i in seen] == [3, 4]
+
+
+def test_kill_before_marking_complete(tmp_path, maps, uninterrupted):
+    store = run_and_kill(tmp_path, "before_mark", 1)
+    assert marked(store) == {"0000": True, "0001": False}
+    resume_and_compare(store, maps, uninterrupted)
+
+
+def test_kill_while_writing_inputs(tmp_path, maps, uninterrupted):
+    store = run_and_kill(tmp_path, "mid_write", 0, prefix="inputs/", after_chunks=2)
+    inputs = zarr.open_group(str(store), path="inputs", mode="r")
+    assert COMPLETE not in inputs.attrs
+    with pytest.raises(cwtflow.StoreError, match="no complete inputs"):
+        open_history(store)
+    resume_and_compare(store, maps, uninterrupted)
+
+
+def test_kill_while_pruning_without_history(tmp_path, maps, uninterrupted):
+    """keep_history=False: killed after iteration 3 is complete, while deleting iteration 2
+    (already unmarked): the newest good iteration survives and the run resumes from it."""
+    store = run_and_kill(tmp_path, "mid_prune", 3, keep=False)
+    assert marked(store) == {"0002": False, "0003": True}
+    assert open_history(store).iterations == [3]
+    seen = resume_and_compare(store, maps, uninterrupted, keep=False)
+    assert [i.iteration for i in seen] == [4]
