@@ -13,6 +13,7 @@ from .analysis import (
 )
 from .engine import CWT, IterationInfo
 from .errors import CWTFlowError, InputError, StoreError
+from .history import History, open_history, read_result
 from .kernels import CWTKernels
 from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
 
@@ -25,6 +26,7 @@ __all__ = [
     "CWT",
     "CWTFlowError",
     "CWTKernels",
+    "History",
     "InputError",
     "IterationInfo",
     "StoreError",
@@ -38,6 +40,8 @@ __all__ = [
     "images",
     "make_maps",
     "map_center",
+    "open_history",
+    "read_result",
     "state_metrics",
     "validate_maps",
     "wcs_from_attrs",
