@@ -22,6 +22,9 @@ from .maps import default_wcs, make_maps
 
 __all__ = ["simulate_sky"]
 
+#: Pixels per source when `simulate_sky` chooses the number of sources.
+SOURCE_DENSITY = 3200
+
 
 def _positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not np.isscalar(value) or not np.isfinite(value) or value <= 0:
@@ -114,7 +117,7 @@ def _positions(
 def simulate_sky(
     shape: tuple[int, int] = (200, 400),
     *,
-    n_sources: int = 25,
+    n_sources: int | None = None,
     seed: int | None = None,
     psf_sigma: float = 2.0,
     binsz: float = 0.1,
@@ -132,8 +135,8 @@ def simulate_sky(
     ----------
     shape : (int, int)
         Map size (ny, nx) in pixels.
-    n_sources : int
-        Number of sources.
+    n_sources : int, optional
+        Number of sources; default one per 3200 pixels (25 on the default 200 x 400 map).
     seed : int, optional
         Seed of the random generator: the same seed gives identical maps and sources.
     psf_sigma : float
@@ -174,6 +177,8 @@ def simulate_sky(
         raise InputError(f"shape must be a (ny, nx) pair of integers, got {shape!r}") from None
     if ny < 1 or nx < 1 or (ny, nx) != tuple(shape):
         raise InputError(f"shape must be two positive integers, got {shape!r}")
+    if n_sources is None:
+        n_sources = round(ny * nx / SOURCE_DENSITY)
     n_sources = _count("n_sources", n_sources)
     n_extended = _count("n_extended", n_extended)
     if n_extended > n_sources:
