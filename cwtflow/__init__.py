@@ -14,8 +14,10 @@ from .analysis import (
 from .engine import CWT, IterationInfo
 from .errors import CWTFlowError, InputError, StoreError
 from .history import History, open_history, read_result
+from .io import read_maps, read_state, write_maps, write_state
 from .kernels import CWTKernels
 from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
+from .simulate import simulate_sky
 
 try:
     __version__ = version("cwtflow")
@@ -41,8 +43,23 @@ __all__ = [
     "make_maps",
     "map_center",
     "open_history",
+    "plot_images",
+    "read_maps",
     "read_result",
+    "read_state",
+    "simulate_sky",
     "state_metrics",
     "validate_maps",
     "wcs_from_attrs",
+    "write_maps",
+    "write_state",
 ]
+
+
+def __getattr__(name: str):
+    """``plot_images`` is loaded on first use: matplotlib is slow to import."""
+    if name == "plot_images":
+        from .plotting import plot_images
+
+        return plot_images
+    raise AttributeError(f"module 'cwtflow' has no attribute {name!r}")
