@@ -12,6 +12,7 @@ import pytest
 import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from conftest import random_arrays
 
 import cwtflow
 from cwtflow import InputError, StoreError
@@ -217,8 +218,6 @@ def test_read_maps_survey(shared_data):
 
 @pytest.fixture(scope="module")
 def state() -> xr.Dataset:
-    from conftest import random_arrays
-
     counts, background = random_arrays(7, (30, 44))
     data = cwtflow.make_maps(counts, background)
     cwt = cwtflow.CWT(cwtflow.CWTKernels(2, 1.5, 1.4), max_iter=4, tol=0.0)
