@@ -11,6 +11,7 @@ from .analysis import (
     images,
     state_metrics,
 )
+from .catalog import find_sources, read_catalog, write_catalog, write_regions
 from .engine import CWT, IterationInfo
 from .errors import CWTFlowError, InputError, StoreError
 from .history import History, open_history, read_result
@@ -38,12 +39,14 @@ __all__ = [
     "cutout",
     "derived_images",
     "difference",
+    "find_sources",
     "image_metrics",
     "images",
     "make_maps",
     "map_center",
     "open_history",
     "plot_images",
+    "read_catalog",
     "read_maps",
     "read_result",
     "read_state",
@@ -51,7 +54,9 @@ __all__ = [
     "state_metrics",
     "validate_maps",
     "wcs_from_attrs",
+    "write_catalog",
     "write_maps",
+    "write_regions",
     "write_state",
 ]
 

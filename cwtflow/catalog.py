@@ -1,0 +1,579 @@
+"""Source catalog from a CWT result: islands of the support, deblended, measured, written out.
+
+`find_sources` turns a state Dataset (numpy- or dask-backed) into an astropy Table with one row
+per source; `write_catalog` writes it as FITS or ECSV and `write_regions` as a DS9 region file.
+The per-island numerics are the pure-numpy functions of `cwtflow.peaks`; this module gathers the
+island cut-outs (only those pixels are read from a lazy state), converts pixels to the sky and
+assembles the table.
+
+Definitions (pixel coordinates are 0-based, pixel centres on integers, x along longitude;
+"the region" of a source is the set of island pixels its watershed component holds; M, C, B,
+A, T_i, E_i are the state's model, counts, background, approximation, transform and error):
+
+- *island*: a connected component (4-connectivity, like the CWT's own support cleaning) of the
+  2-D support ``any_i S_i``; on an all-sky map (`cwtflow.maps.is_allsky`) islands touching
+  across the longitude seam are one island.
+- *source*: a deblended component of an island (`cwtflow.peaks`): a watershed region of M
+  whose peak is neither a shoulder of a higher peak (``contrast``) nor closer than
+  ``min_separation`` to one, and whose ``significance`` reaches ``min_significance``.
+- ``significance``: Poisson likelihood-ratio test of a source with the shape of M over the
+  region on top of the null background b (B, or ``max(B + A, 0)`` with ``approx_in_null``):
+  ``TS = 2 max_a sum(C ln(1 + a M / b) - a M)`` (Cash 1979; for one pixel this is Li & Ma 1983
+  eq. 17 with a perfectly known background), ``significance = sqrt(TS)``. B alone is the
+  default null because A = conv(C - M - B, G) still holds the part of every source that the
+  model has not yet absorbed (the model grows by a fraction of the excess per iteration), so
+  B + A takes a large share of a faint source's counts into the null hypothesis.
+- ``source_counts``: ``a* sum(M)`` of that fit, the source's counts over the region;
+  ``model_counts``: ``sum(M)`` (smaller when the iteration stopped before the model took all
+  the excess); ``counts`` and ``background``: sums of C and of b over the region.
+- ``x``, ``y``: centroid of M over the region.
+- ``pos_err``: per-axis 1-sigma position error, the Cramér-Rao bound of a source of
+  ``source_counts`` with the shape of M over b: ``var(x) = 1 / sum((a dM/dx)^2 / (b + a M))``,
+  the same for y, ``pos_err = sqrt((var(x) dx^2 + var(y) dy^2) / 2)`` with the pixel sizes dx,
+  dy in deg (for a Gaussian of sigma s without background: ``s / sqrt(counts)``).
+- ``peak_significance``, ``peak_scale``: at the peak pixel of M in the region, the maximum over
+  scales of ``(T_i + conv(M_src, K_i)) / E_i`` — the state's transform of the residual with the
+  source's own model ``M_src`` (M on the region) added back, over its Gaussian error — and the
+  scale (pixels) where it peaks.
+- ``extent``: ``sqrt((l1 + l2) / 2)`` of the eigenvalues l1 >= l2 of the second-moment matrix
+  of M over the region (deg; for a circular Gaussian blob its sigma, PSF included);
+  ``extent_major`` / ``extent_minor`` are ``sqrt(l1)``, ``sqrt(l2)``.
+- ``flux``: ``source_counts`` over the M-weighted mean exposure of the region (cm-2 s-1 for an
+  exposure in cm2 s); NaN without an exposure map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy import ndimage
+
+from . import peaks
+from .core import CROSS, _join_seam
+from .errors import InputError, StoreError
+from .kernels import CWTKernels
+from .maps import is_allsky, wcs_from_attrs
+
+__all__ = [
+    "CATALOG_COLUMNS",
+    "find_sources",
+    "read_catalog",
+    "write_catalog",
+    "write_regions",
+]
+
+#: name -> (dtype, unit, description) of every catalog column, in table order.
+CATALOG_COLUMNS: dict[str, tuple[type, str | None, str]] = {
+    "id": (np.int64, None, "source number, 1 = most significant"),
+    "island": (np.int64, None, "support island the source belongs to"),
+    "x": (np.float64, "pix", "model-weighted centroid, 0-based pixel x"),
+    "y": (np.float64, "pix", "model-weighted centroid, 0-based pixel y"),
+    "lon": (np.float64, "deg", "centroid longitude in the map frame"),
+    "lat": (np.float64, "deg", "centroid latitude in the map frame"),
+    "ra": (np.float64, "deg", "centroid right ascension (ICRS)"),
+    "dec": (np.float64, "deg", "centroid declination (ICRS)"),
+    "pos_err": (np.float64, "deg", "per-axis 1-sigma position error (Cramer-Rao bound)"),
+    "peak_significance": (
+        np.float64,
+        None,
+        "max over scales of (T_i + conv(M_src, K_i)) / E_i at the model peak",
+    ),
+    "peak_scale": (np.float64, "pix", "wavelet scale of the peak significance"),
+    "extent": (np.float64, "deg", "rms radius of the model: sqrt((l1 + l2) / 2)"),
+    "extent_major": (np.float64, "deg", "model rms along the major axis"),
+    "extent_minor": (np.float64, "deg", "model rms along the minor axis"),
+    "npix": (np.int64, None, "pixels in the source's region"),
+    "model_counts": (np.float64, "ct", "sum of the model over the source's region"),
+    "source_counts": (
+        np.float64,
+        "ct",
+        "maximum-likelihood source counts with the model's shape over the region",
+    ),
+    "counts": (np.float64, "ct", "observed counts in the source's region"),
+    "background": (np.float64, "ct", "null-hypothesis background counts in the region"),
+    "significance": (
+        np.float64,
+        None,
+        "Poisson likelihood-ratio significance of the source over the background",
+    ),
+    "flux": (np.float64, "cm-2 s-1", "source counts / model-weighted mean exposure"),
+}
+
+_REQUIRED = ("support", "model", "transform_3d", "error", "counts", "background", "approx")
+
+
+def _run_kernels(result: xr.Dataset, kernels: CWTKernels | None) -> CWTKernels:
+    """The wavelets of the run: given, from ``attrs['parameters']`` or from the scale coord."""
+    scales = np.asarray(result["scale"].values, dtype=np.float64)
+    if kernels is None:
+        params = result.attrs.get("parameters")
+        if isinstance(params, str):
+            try:
+                params = json.loads(params)
+            except ValueError:
+                params = None
+        if isinstance(params, Mapping) and {"n_scale", "min_scale", "step_scale"} <= set(params):
+            kernels = CWTKernels(
+                int(params["n_scale"]), float(params["min_scale"]), float(params["step_scale"])
+            )
+        elif scales.size >= 2 and scales[0] > 0:
+            kernels = CWTKernels(scales.size, float(scales[0]), float(scales[1] / scales[0]))
+        else:
+            raise InputError(
+                "cannot tell the run's kernels: no attrs['parameters'] and fewer than two "
+                "scales; pass kernels="
+            )
+    elif not isinstance(kernels, CWTKernels):
+        raise InputError(f"kernels must be a CWTKernels, got {type(kernels).__name__}")
+    if kernels.scales.shape != scales.shape or not np.allclose(
+        kernels.scales, scales, rtol=1e-9, atol=0
+    ):
+        raise InputError(
+            f"kernels scales {list(kernels.scales)} do not match the result's scales {list(scales)}"
+        )
+    return kernels
+
+
+def _check_result(result: xr.Dataset) -> tuple[int, int]:
+    if not isinstance(result, xr.Dataset):
+        raise InputError(f"expected a CWT result (xarray.Dataset), got {type(result).__name__}")
+    missing = [name for name in _REQUIRED if name not in result]
+    if missing:
+        raise InputError(f"result is not a CWT state: missing {', '.join(missing)}")
+    if "scale" not in result.coords:
+        raise InputError("result has no 'scale' coordinate")
+    for name in _REQUIRED:
+        dims = result[name].dims
+        expected = ("scale", "y", "x") if name in ("support", "transform_3d", "error") else None
+        if expected is not None and set(dims) != set(expected):
+            raise InputError(f"'{name}' must have dims {expected}, got {dims}")
+        if expected is None and set(dims) != {"y", "x"}:
+            raise InputError(f"'{name}' must have dims ('y', 'x'), got {dims}")
+    shape = (result.sizes["y"], result.sizes["x"])
+    if 0 in shape:
+        raise InputError(f"empty result: shape {shape}")
+    return shape
+
+
+def _exposure_array(
+    result: xr.Dataset, exposure: Any, shape: tuple[int, int]
+) -> xr.DataArray | None:
+    if exposure is None:
+        if "exposure" not in result:
+            return None
+        exposure = result["exposure"]
+    if isinstance(exposure, xr.DataArray):
+        if set(exposure.dims) != {"y", "x"}:
+            raise InputError(f"exposure must have dims ('y', 'x'), got {exposure.dims}")
+        exposure = exposure.transpose("y", "x").variable.data
+    else:
+        exposure = exposure if hasattr(exposure, "compute") else np.asarray(exposure)
+    if tuple(exposure.shape) != shape:
+        raise InputError(f"exposure shape {tuple(exposure.shape)} differs from the map's {shape}")
+    bad = dask.compute(((exposure < 0) | ~np.isfinite(exposure)).any())[0]
+    if bool(bad):
+        raise InputError("exposure contains negative, NaN or infinite pixels")
+    return exposure
+
+
+def _island_columns(labels: np.ndarray, n: int, wrap: bool) -> list[tuple[int, int, int, int]]:
+    """Bounding box ``(y0, y1, x0, x1)`` of every island; on a wrapping map ``x1`` may exceed
+    the map width (the box continues across the seam) for islands that cross it."""
+    nx = labels.shape[1]
+    boxes = []
+    for label, sl in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        if wrap and x0 == 0 and x1 == nx:
+            cols = np.flatnonzero((labels[y0:y1] == label).any(axis=0))
+            gaps = np.diff(np.append(cols, cols[0] + nx))
+            widest = int(np.argmax(gaps))
+            if gaps[widest] > 1:
+                # the box starts after the widest empty run of columns
+                x0 = int(cols[(widest + 1) % cols.size])
+                x1 = int(cols[widest]) + 1 + (nx if x0 > cols[widest] else 0)
+            else:
+                # a ring all around the sky: cut it where it is thinnest
+                thin = int(np.argmin((labels[y0:y1] == label).sum(axis=0)))
+                x0, x1 = thin + 1, thin + 1 + nx
+        boxes.append((y0, y1, x0, x1))
+    return boxes
+
+
+def _take(array: Any, box: tuple[int, int, int, int], nx: int) -> Any:
+    """``array[..., y0:y1, x0:x1]`` with x continued periodically past the map's width."""
+    y0, y1, x0, x1 = box
+    if x1 <= nx:
+        return array[..., y0:y1, x0:x1]
+    return array[..., y0:y1, :][..., np.arange(x0, x1) % nx]
+
+
+def _data(result: xr.Dataset, name: str) -> Any:
+    var = result[name]
+    dims = ("scale", "y", "x") if "scale" in var.dims else ("y", "x")
+    return var.transpose(*dims).variable.data
+
+
+def _empty_table() -> Table:
+    table = Table()
+    for name, (dtype, unit, description) in CATALOG_COLUMNS.items():
+        table[name] = np.zeros(0, dtype=dtype)
+        table[name].unit = unit
+        table[name].description = description
+    return table
+
+
+def find_sources(
+    result: xr.Dataset,
+    *,
+    exposure: Any = None,
+    min_significance: float = 5.0,
+    deblend: bool = True,
+    contrast: float = 0.2,
+    min_separation: float | None = None,
+    approx_in_null: bool = False,
+    kernels: CWTKernels | None = None,
+) -> Table:
+    """Catalog of the sources in a CWT result.
+
+    Parameters
+    ----------
+    result : xarray.Dataset
+        A CWT state (`CWT.analyze`'s return value, a state read back from FITS or zarr);
+        numpy- or dask-backed. Only the 2-D support is read whole; every other variable is
+        read on the islands' bounding boxes only.
+    exposure : xarray.DataArray or array-like, shape (ny, nx), optional
+        Exposure in cm2 s for the ``flux`` column. Defaults to ``result["exposure"]`` when the
+        result carries one; without either, ``flux`` is NaN.
+    min_significance : float
+        Sources whose Poisson ``significance`` is below this are dropped.
+    deblend : bool
+        Split islands with several peaks into several sources (else one source per island).
+    contrast : float
+        A secondary model peak is its own source only if it rises at least this fraction of
+        its height above the saddle joining it to a higher peak (0 <= contrast < 1).
+    min_separation : float, optional
+        Peaks closer than this (pixels) are one source. Default: the width of the smallest
+        wavelet, ``min_scale * step_scale``.
+    approx_in_null : bool
+        Use ``max(B + A, 0)`` instead of B as the background of the likelihood test.
+    kernels : CWTKernels, optional
+        The run's kernels, when the result's attrs do not record them (they must match the
+        result's ``scale`` coordinate).
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per source, columns `CATALOG_COLUMNS` (defined in this module's docstring),
+        ordered by decreasing ``significance``; ``meta`` records the settings and the
+        frame. No source: the same columns with no rows, and a `UserWarning`.
+    """
+    shape = _check_result(result)
+    if not np.isfinite(min_significance):
+        raise InputError(f"min_significance must be finite, got {min_significance!r}")
+    if not (np.isfinite(contrast) and 0 <= contrast < 1):
+        raise InputError(f"contrast must be in [0, 1), got {contrast!r}")
+    kernels = _run_kernels(result, kernels)
+    if min_separation is None:
+        min_separation = kernels.min_scale * kernels.step_scale
+    if not (np.isfinite(min_separation) and min_separation >= 0):
+        raise InputError(f"min_separation must be a non-negative number, got {min_separation!r}")
+    wcs = wcs_from_attrs(result.attrs).celestial
+    exposure_data = _exposure_array(result, exposure, shape)
+    wrap = is_allsky(wcs, shape)
+
+    support_2d = np.asarray(dask.compute(_data(result, "support").any(axis=0))[0], dtype=bool)
+    labels, n = ndimage.label(support_2d, structure=CROSS)
+    if wrap and n:
+        labels, n = _join_seam(labels, n)
+    boxes = _island_columns(labels, n, wrap) if n else []
+
+    names2 = ["model", "counts", "background", "approx"]
+    arrays = {name: _data(result, name) for name in (*names2, "transform_3d", "error")}
+    if exposure_data is not None:
+        arrays["exposure"] = exposure_data
+    lazy = [{name: _take(a, box, shape[1]) for name, a in arrays.items()} for box in boxes]
+    cutouts = dask.compute(*lazy) if lazy else ()
+
+    found: list[tuple[int, tuple[int, int, int, int], peaks.IslandSources]] = []
+    for label, (box, cut) in enumerate(zip(boxes, cutouts, strict=True), start=1):
+        mask = _take(labels, box, shape[1]) == label
+        sources = peaks.island_sources(
+            mask,
+            np.asarray(cut["model"], dtype=np.float64),
+            np.asarray(cut["transform_3d"], dtype=np.float64),
+            np.asarray(cut["error"], dtype=np.float64),
+            np.asarray(cut["counts"], dtype=np.float64),
+            np.asarray(cut["background"], dtype=np.float64),
+            np.asarray(cut["approx"], dtype=np.float64),
+            np.asarray(cut["exposure"], dtype=np.float64) if "exposure" in cut else None,
+            kernels.wavelets,
+            min_significance=float(min_significance),
+            deblend=bool(deblend),
+            contrast=float(contrast),
+            min_separation=float(min_separation),
+            approx_in_null=bool(approx_in_null),
+        )
+        if sources.x.size:
+            found.append((label, box, sources))
+
+    table = _assemble(found, wcs, shape, kernels)
+    table.meta.update(
+        {
+            "FRAME": _frame(wcs),
+            "MINSIG": float(min_significance),
+            "DEBLEND": bool(deblend),
+            "CONTRAST": float(contrast),
+            "MINSEP": float(min_separation),
+            "NSCALE": kernels.n_scale,
+            "MINSCALE": kernels.min_scale,
+            "STEPSCAL": kernels.step_scale,
+            "PIXSIZE": float(np.mean(proj_plane_pixel_scales(wcs))),
+            "NISLAND": int(n),
+        }
+    )
+    if len(table) == 0:
+        warnings.warn(
+            f"no sources found: {n} support islands, no component with a significance of at "
+            f"least {min_significance:g}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return table
+
+
+def _frame(wcs: Any) -> str:
+    from astropy.wcs.utils import wcs_to_celestial_frame
+
+    return str(wcs_to_celestial_frame(wcs).name)
+
+
+def _assemble(
+    found: list[tuple[int, tuple[int, int, int, int], peaks.IslandSources]],
+    wcs: Any,
+    shape: tuple[int, int],
+    kernels: CWTKernels,
+) -> Table:
+    """The catalog table from the per-island results (cut-out frames shifted to the map)."""
+    table = _empty_table()
+    if not found:
+        return table
+    fields = peaks.IslandSources._fields[:-1]
+    cols = {f: np.concatenate([s._asdict()[f] for _, _, s in found]) for f in fields}
+    island = np.concatenate([np.full(s.x.size, label) for label, _, s in found])
+    y0 = np.concatenate([np.full(s.x.size, box[0]) for _, box, s in found])
+    x0 = np.concatenate([np.full(s.x.size, box[2]) for _, box, s in found])
+    nx = shape[1]
+    x = cols["x"] + x0
+    x = np.where(x >= nx - 0.5, x - nx, x)  # centroids past the seam come back onto the map
+    y = cols["y"] + y0
+    sx, sy = proj_plane_pixel_scales(wcs)[:2]
+    sky = wcs.pixel_to_world(x, y)
+    sph = sky.spherical
+    icrs = sky.icrs
+    mxx, myy, mxy = (
+        cols["moment_xx"] * sx**2,
+        cols["moment_yy"] * sy**2,
+        cols["moment_xy"] * sx * sy,
+    )
+    half_trace = (mxx + myy) / 2
+    root = np.sqrt(((mxx - myy) / 2) ** 2 + mxy**2)
+    major = np.sqrt(np.maximum(half_trace + root, 0.0))
+    minor = np.sqrt(np.maximum(half_trace - root, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        flux = cols["source_counts"] / cols["mean_exposure"]
+    values = {
+        "island": island,
+        "x": x,
+        "y": y,
+        "lon": np.asarray(sph.lon.deg, dtype=np.float64),
+        "lat": np.asarray(sph.lat.deg, dtype=np.float64),
+        "ra": np.asarray(icrs.ra.deg, dtype=np.float64),
+        "dec": np.asarray(icrs.dec.deg, dtype=np.float64),
+        "pos_err": np.sqrt((cols["x_var"] * sx**2 + cols["y_var"] * sy**2) / 2),
+        "peak_significance": cols["peak_significance"],
+        "peak_scale": kernels.scales[cols["peak_scale"]],
+        "extent": np.sqrt(np.maximum(half_trace, 0.0)),
+        "extent_major": major,
+        "extent_minor": minor,
+        "npix": cols["npix"],
+        "model_counts": cols["model_counts"],
+        "source_counts": cols["source_counts"],
+        "counts": cols["counts"],
+        "background": cols["background"],
+        "significance": cols["significance"],
+        "flux": np.where(np.isfinite(flux), flux, np.nan),
+    }
+    order = np.lexsort((x, y, -values["significance"]))
+    out = Table()
+    for name, (dtype, unit, description) in CATALOG_COLUMNS.items():
+        data = np.arange(1, order.size + 1) if name == "id" else values[name][order]
+        out[name] = np.asarray(data, dtype=dtype)
+        out[name].unit = unit
+        out[name].description = description
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+_FORMATS = {
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fts": "fits",
+    ".fits.gz": "fits",
+    ".fit.gz": "fits",
+    ".ecsv": "ecsv",
+    ".reg": "ds9",
+}
+
+
+def _format_of(path: Path, format: str | None) -> str:
+    if format is not None:
+        if format not in ("fits", "ecsv", "ds9"):
+            raise InputError(f"unknown catalog format {format!r}: use 'fits', 'ecsv' or 'ds9'")
+        return format
+    name = path.name.lower()
+    for suffix in sorted(_FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return _FORMATS[suffix]
+    raise InputError(
+        f"cannot tell the catalog format of {str(path)!r}: use a .fits, .fits.gz, .ecsv or .reg "
+        "name, or pass format="
+    )
+
+
+def _atomic_write(path: Path, overwrite: bool, write: Any) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto
+    ``path`` (`cwtflow.io.atomic_output`)."""
+    from .io import atomic_output
+
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        write(tmp)
+    return Path(path).expanduser()
+
+
+def _check_table(table: Any, needed: tuple[str, ...]) -> Table:
+    if not isinstance(table, Table):
+        raise InputError(f"expected an astropy Table, got {type(table).__name__}")
+    missing = [c for c in needed if c not in table.colnames]
+    if missing:
+        raise InputError(f"table is not a cwtflow catalog: missing {', '.join(missing)}")
+    return table
+
+
+def write_catalog(
+    table: Table,
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a catalog from `find_sources` as FITS, ECSV or a DS9 region file.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The catalog.
+    path : path
+        Output file; the format follows its name (``.fits``, ``.fits.gz``, ``.ecsv``, ``.reg``)
+        unless ``format`` is given.
+    format : {"fits", "ecsv", "ds9"}, optional
+        Output format.
+    overwrite : bool
+        Replace an existing file (otherwise `StoreError`).
+
+    Returns
+    -------
+    pathlib.Path
+        The written file. The write is atomic: a temporary file in the same folder is renamed
+        onto ``path`` only once complete.
+    """
+    path = Path(path)
+    fmt = _format_of(path, format)
+    if fmt == "ds9":
+        return write_regions(table, path, overwrite=overwrite)
+    _check_table(table, ("lon", "lat"))
+    astropy_format = "fits" if fmt == "fits" else "ascii.ecsv"
+    return _atomic_write(
+        path,
+        overwrite,
+        lambda tmp: table.write(tmp, format=astropy_format, overwrite=True),
+    )
+
+
+def read_catalog(path: str | os.PathLike[str]) -> Table:
+    """Read a catalog written by `write_catalog` (FITS or ECSV)."""
+    path = Path(path)
+    fmt = _format_of(path, None)
+    if fmt == "ds9":
+        raise InputError(f"{path} is a region file; read it with regions.Regions.read")
+    if not path.is_file():
+        raise StoreError(f"no catalog at {path}")
+    return Table.read(path, format="fits" if fmt == "fits" else "ascii.ecsv")
+
+
+def write_regions(
+    table: Table,
+    path: str | os.PathLike[str],
+    *,
+    radius: str | u.Quantity = "extent",
+    overwrite: bool = False,
+) -> Path:
+    """Write the sources as DS9 circles (``regions.CircleSkyRegion``) labelled with their id.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Catalog from `find_sources` (needs ``id``, ``lon``, ``lat`` and the radius column).
+    path : path
+        Output region file.
+    radius : {"extent", "pos_err"} or astropy Quantity
+        Circle radius: a catalog column (deg) or one angle for all; radii below half a pixel
+        (``meta["PIXSIZE"]``, else 0.001 deg) are raised to it so every circle is visible.
+    overwrite : bool
+        Replace an existing file (otherwise `StoreError`).
+    """
+    from regions import CircleSkyRegion, Regions
+
+    _check_table(table, ("id", "lon", "lat"))
+    if isinstance(radius, str):
+        if radius not in ("extent", "pos_err"):
+            raise InputError(f"radius must be 'extent', 'pos_err' or an angle, got {radius!r}")
+        _check_table(table, (radius,))
+        radii = np.asarray(table[radius], dtype=np.float64)
+    else:
+        try:
+            value = u.Quantity(radius).to_value(u.deg)
+        except (TypeError, u.UnitsError):
+            raise InputError(f"radius must be an angle, got {radius!r}") from None
+        radii = np.full(len(table), float(value))
+    floor = 0.5 * float(table.meta.get("PIXSIZE", 0.002))
+    radii = np.where(np.isfinite(radii) & (radii > floor), radii, floor)
+    frame = str(table.meta.get("FRAME", "galactic"))
+    centers = SkyCoord(
+        np.asarray(table["lon"], dtype=np.float64) * u.deg,
+        np.asarray(table["lat"], dtype=np.float64) * u.deg,
+        frame=frame,
+    )
+    shapes = Regions(
+        [
+            CircleSkyRegion(center=centers[i], radius=radii[i] * u.deg, meta={"text": str(sid)})
+            for i, sid in enumerate(np.asarray(table["id"]))
+        ]
+    )
+    return _atomic_write(
+        Path(path), overwrite, lambda tmp: shapes.write(str(tmp), format="ds9", overwrite=True)
+    )
