@@ -132,8 +132,9 @@ def client_summary(client: Client) -> str:
     threads = sum(w.get("nthreads", 0) for w in workers.values())
     link = dashboard_link(client)
     dash = f"dashboard {link}" if link else "no dashboard (install bokeh to serve one)"
+    plural = "" if len(workers) == 1 else "s"
     return (
-        f"dask scheduler {client.scheduler.address}: {len(workers)} workers, "
+        f"dask scheduler {client.scheduler.address}: {len(workers)} worker{plural}, "
         f"{threads} threads; {dash}"
     )
 
@@ -155,8 +156,9 @@ def open_client(
     Parameters
     ----------
     scheduler : str, optional
-        Address of a running scheduler (``tcp://host:8786``, ``tls://...``). TLS settings come
-        from dask's configuration (``distributed.comm.tls``, see ``cluster/tls``).
+        Address of a running scheduler (``tcp://host:8786``, ``tls://...``), or the path of an
+        existing scheduler file. TLS settings come from dask's configuration
+        (``distributed.comm.tls``, see ``cluster/tls``).
     scheduler_file : path, optional
         Scheduler file written by ``dask scheduler --scheduler-file`` (or dask-jobqueue).
     workers : int, optional
@@ -217,6 +219,8 @@ def open_client(
 def _connect(
     scheduler: str | None, scheduler_file: str | os.PathLike[str] | None, timeout: float
 ) -> Client:
+    if scheduler is not None and os.path.isfile(scheduler):
+        scheduler, scheduler_file = None, scheduler  # a scheduler file given as the address
     if scheduler_file is not None:
         if not os.path.isfile(scheduler_file):
             raise InputError(f"scheduler file {os.fspath(scheduler_file)!r} does not exist")
@@ -229,7 +233,8 @@ def _connect(
         kwargs = {"address": scheduler}
     try:
         return Client(timeout=timeout, set_as_default=False, **kwargs)
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, ValueError, TypeError, RuntimeError) as exc:
+        # unreachable or refusing scheduler, bad address, TLS settings missing or rejected
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot connect to {target}: {reason}") from None
 
