@@ -323,7 +323,7 @@ def _analyze(cwt: CWT, data: xr.Dataset, options: Mapping[str, Any]) -> xr.Datas
 
 def _summary(state: xr.Dataset) -> str:
     converged = "converged" if state.attrs.get("converged") else "not converged"
-    support = int(state["support"].any("scale").sum())
+    support = state.attrs.get("support_size", "?")
     return f"{state.attrs.get('iterations', '?')} iterations, {converged}, support {support} pixels"
 
 

@@ -238,7 +238,8 @@ def read_maps(
     exposure_hdu : str or int, optional
         HDU of the exposure map (cm2 s). ``None`` (default) reads an HDU named ``EXPOSURE``
         when the file has one and otherwise goes without exposure; a name or index makes that
-        HDU required.
+        HDU required. Exposure found either way is checked like the background (shape, WCS,
+        finite and non-negative values).
 
     Returns
     -------
@@ -498,10 +499,10 @@ def read_state(path: PathLike) -> xr.Dataset:
             kind = hdu.header.get("CWTKIND")
             if kind not in ("data", "coord"):
                 continue
-            name = hdu.header["CWTVAR"]
-            dims = tuple(hdu.header["CWTDIMS"].split(","))
             var_attrs = _json_card(hdu.header, "VARATTRS", f"HDU {hdu.name}")
             try:
+                name = hdu.header["CWTVAR"]
+                dims = tuple(hdu.header["CWTDIMS"].split(","))
                 values = hdu.data["SCALE"] if name == "scale" else hdu.data
                 values = np.asarray(values).astype(hdu.header["CWTDTYPE"])
             except (OSError, ValueError, TypeError, KeyError) as exc:

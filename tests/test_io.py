@@ -243,6 +243,14 @@ def test_state_round_trip_is_exact(tmp_path, state, name):
     assert len(back.attrs["residual_variance"]) == 4
 
 
+def test_lazy_state_writes_the_same_file(tmp_path, state):
+    lazy = state.chunk({"y": 16, "x": 20})
+    back = read_state(write_state(lazy, tmp_path / "lazy.fits"))
+    _assert_same_state(back, state)
+    eager = write_state(state, tmp_path / "eager.fits")
+    assert eager.read_bytes() == (tmp_path / "lazy.fits").read_bytes()
+
+
 def test_state_round_trip_keeps_unrounded_coordinates(tmp_path, random_maps):
     """A TAN grid with a 1/360 deg pixel: the WCS cards round it, the coordinates are kept."""
     wcs = WCS(naxis=2)
