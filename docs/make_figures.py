@@ -3,7 +3,7 @@
 Writes into this folder:
 
 - ``result.png``: images of a CWT result (counts, model, residual, support) on sky axes;
-- ``catalog.png``: the counts map with the detected sources (`find_sources`) and the true
+- ``catalog.png``: the counts map with the detected sources (`cwtflow.find_sources`) and the true
   sources of the simulation marked.
 
 Run from anywhere: ``python docs/make_figures.py``. Deterministic (fixed seed); each PNG stays
@@ -26,7 +26,6 @@ from astropy.table import Table
 from matplotlib.figure import Figure
 
 import cwtflow
-from cwtflow.catalog import find_sources
 from cwtflow.plotting import plot_images
 
 HERE = Path(__file__).parent
@@ -45,7 +44,7 @@ def run() -> tuple[xr.Dataset, Table, Table]:
     result = cwt.analyze(maps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no sources found" cannot happen here
-        catalog = find_sources(result)
+        catalog = cwtflow.find_sources(result)
     return result, catalog, truth
 
 
