@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .analysis import state_metrics
 from .engine import CWT, IterationInfo, variance_ratio
 from .errors import CWTFlowError, InputError, StoreError
+from .history import read_result
 from .io import check_output, read_maps, read_state, write_maps, write_state
 from .kernels import CWTKernels
 from .maps import cutout, map_center, wcs_from_attrs
@@ -244,8 +245,16 @@ def build_cwt(options: Mapping[str, Any]) -> CWT:
 
 
 def analyze_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of `CWT.analyze` other than ``data`` and ``callback`` (none yet)."""
-    return {}
+    """Keyword arguments of `CWT.analyze` other than ``data`` and ``callback``: tiles
+    (``--chunks``) and the zarr history store (``--out run.zarr``, ``--resume``)."""
+    kwargs: dict[str, Any] = {}
+    if options.get("chunks") is not None:
+        kwargs["chunks"] = tuple(options["chunks"])
+    if options.get("store") is not None:
+        resume = bool(options.get("resume"))
+        overwrite = bool(options.get("overwrite")) and not resume
+        kwargs.update(store=options["store"], resume=resume, overwrite=overwrite)
+    return kwargs
 
 
 def _hdu_key(value: str | None) -> str | int | None:
@@ -276,17 +285,33 @@ def load_maps(path: Path, options: Mapping[str, Any]) -> xr.Dataset:
 def _result_format(path: Path) -> str:
     if path.name.lower().endswith(FITS_SUFFIXES):
         return "fits"
-    raise InputError(f"unsupported output format: {path.name} (use .fits or .fits.gz)")
+    if path.name.lower().endswith(".zarr"):
+        return "zarr"
+    raise InputError(f"unsupported output format: {path.name} (use .fits, .fits.gz or .zarr)")
 
 
-def check_result(path: Path, *, overwrite: bool) -> Path:
+def check_result(path: Path, *, overwrite: bool, resume: bool = False) -> Path:
     """Refuse an output the run could not write, before any work starts."""
-    _result_format(path)
+    if _result_format(path) == "zarr":
+        path = path.expanduser()
+        if not path.parent.is_dir():
+            raise StoreError(f"output folder does not exist: {path.parent}")
+        if path.exists() and not (path.is_dir() and (overwrite or resume)):
+            raise StoreError(
+                f"output store exists: {path} (use --resume to continue it or --overwrite to "
+                "replace it)"
+            )
+        return path
+    if resume:
+        raise click.UsageError("--resume needs a zarr store output (--out run.zarr)")
     return check_output(path, overwrite=overwrite, hint="--overwrite")
 
 
 def write_result(state: xr.Dataset, path: Path, *, overwrite: bool) -> Path:
-    """Write the final state to ``path`` in the format its suffix names."""
+    """Write the final state to ``path`` in the format its suffix names (a zarr store already
+    holds it: `CWT.analyze` wrote every iteration there)."""
+    if _result_format(path) == "zarr":
+        return path
     if _result_format(path) == "fits":
         return write_state(state, path, overwrite=overwrite)
     raise AssertionError("unreachable: _result_format accepts only known formats")
@@ -340,15 +365,32 @@ def cli() -> None:
 @cli.command()
 @click.argument("maps", type=click.Path(path_type=Path))
 @click.option(
-    "--out", "-o", required=True, type=click.Path(path_type=Path), help="Result file (.fits)."
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Result file (.fits), or zarr history store (.zarr) receiving every iteration.",
 )
 @click.option("--plot", type=click.Path(path_type=Path), help="Also save the images as PNG.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the run in the --out .zarr store where it stopped."
+)
+@click.option(
+    "--chunks",
+    nargs=2,
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="NY NX",
+    help="Run tile by tile (dask) with tiles of NY x NX pixels.",
+)
 @map_options
 @cwt_options
 @output_options
 def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
     """Run the CWT on MAPS (a FITS file with counts and background) and write the result."""
-    check_result(out, overwrite=options["overwrite"])
+    out = check_result(out, overwrite=options["overwrite"], resume=options["resume"])
+    if _result_format(out) == "zarr":
+        options["store"] = out
     if plot is not None:
         check_output(plot, overwrite=options["overwrite"], hint="--overwrite")
     cwt = build_cwt(options)
@@ -459,7 +501,7 @@ def _echo_table(title: str, table: Table) -> None:
 @click.argument("result", type=click.Path(path_type=Path))
 def info(result: Path) -> None:
     """Print the kernels, the iterations and the metric tables of a RESULT file."""
-    state = read_state(result)
+    state = read_result(result) if result.name.lower().endswith(".zarr") else read_state(result)
     ny, nx = state.sizes["y"], state.sizes["x"]
     click.echo(f"{result}: {ny} x {nx} pixels, {state.sizes['scale']} scales")
     params = dict(state.attrs.get("parameters") or {})
