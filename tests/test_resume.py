@@ -81,6 +81,10 @@ CHILD = textwrap.dedent(
     history.ZarrSink.complete = complete
     history.shutil.rmtree = rmtree
 
+    if spec["cli"]:
+        from cwtflow.cli import main
+
+        main(spec["cli"])
     counts, background = random_arrays(spec["seed"], tuple(spec["shape"]))
     data = cwtflow.make_maps(counts, background)
     cwt = cwtflow.CWT(cwtflow.CWTKernels(2, 2.0, 2.0), **spec["options"])
@@ -121,6 +125,7 @@ def run_and_kill(tmp_path: Path, point: str, k: int, *, keep: bool = True, **spe
         "shape": list(SHAPE),
         "options": options(keep),
         "chunks": spec.get("chunks"),
+        "cli": [str(a) for a in spec.get("cli", [])],
     }
     tests_dir = str(Path(__file__).parent)
     proc = subprocess.Popen(
@@ -224,3 +229,35 @@ def test_kill_while_pruning_without_history(tmp_path, maps, uninterrupted):
     assert open_history(store).iterations == [3]
     seen = resume_and_compare(store, maps, uninterrupted, keep=False)
     assert [i.iteration for i in seen] == [4]
+
+
+def test_cli_run_killed_then_resumed(tmp_path):
+    """``cwtflow run --out run.zarr`` killed mid-iteration, then ``cwtflow run --resume``."""
+    from click.testing import CliRunner
+
+    from cwtflow.cli import cli
+    from cwtflow.io import read_maps, write_maps
+
+    maps_file = write_maps(cwtflow.make_maps(*random_arrays(SEED, SHAPE)), tmp_path / "m.fits")
+    store = tmp_path / "run.zarr"
+    args = ["run", str(maps_file), "--out", str(store), "--max-iter", "4", "--tol", "0", "-q"]
+    args += ["--n-scale", "2", "--min-scale", "2", "--step-scale", "2"]
+    run_and_kill(tmp_path, "mid_write", 3, prefix="iterations/0003/", after_chunks=2, cli=args)
+    assert marked(store) == {"0002": True, "0003": False}
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == (
+        f"cwtflow: error: output store exists: {store} (use --resume to continue it or "
+        "--overwrite to replace it)"
+    )
+    resumed = CliRunner().invoke(cli, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.stdout.startswith(f"wrote {store} (4 iterations, not converged")
+    expected = cwtflow.CWT(KERNELS, max_iter=4, tol=0.0).analyze(read_maps(maps_file))
+    result = cwtflow.read_result(store)
+    for name in STATE_VARS:
+        np.testing.assert_array_equal(result[name].values, expected[name].values, err_msg=name)
+    assert result.attrs["residual_variance"] == expected.attrs["residual_variance"]
+    info = CliRunner().invoke(cli, ["info", str(store)])
+    assert info.exit_code == 0, info.output
+    assert "Iterations (run: 4, converged: no)" in info.stdout
