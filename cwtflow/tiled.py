@@ -1,0 +1,281 @@
+"""One CWT iteration tile by tile: dask orchestration of the numpy core (`cwtflow.core`).
+
+Each iteration is one lazy dask graph; nothing is computed here (the sink materialises the new
+state and its statistics in one computation). Per iteration:
+
+1. one `dask.array.map_overlap` over C, B, M and A with a halo of `halo_depth` pixels (zeros
+   beyond the map edge; periodic in x for all-sky maps) calls `core.convolve_step` and
+   `core.significance` on each tile and keeps the tile interior: T, E, significance, new A;
+2. support cleaning, a global step, with dask (`cwtflow.labels.clean_support`): components
+   crossing tile borders are joined without gathering the map;
+3. ``S = S_prev | kept`` and `core.update_model` block by block;
+4. residual variance and support size as dask reductions.
+
+``approx_bkg = conv(B, G)`` is constant: the first call computes it (`core.convolve_approx`
+per tile); later calls take it from the materialised state they are given.
+
+Tile geometry, per axis: an axis cut into several tiles overlaps by the halo (dask pads the map
+edge with zeros, or periodically); an axis that is one tile is not overlapped: its zero
+boundary comes from the FFT grid's zero padding, and a periodic one is padded in the tile. The
+FFT grid is one fast size (`scipy.fft.next_fast_len`) at least as large as every padded tile, so
+one set of kernel spectra serves all tiles (`core.kernel_spectra` caches it per process).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+import scipy.fft
+import xarray as xr
+
+from . import core, labels
+from .kernels import CWTKernels
+from .state import new_state
+
+if TYPE_CHECKING:
+    from .engine import CWT
+
+__all__ = ["TiledStep", "halo_depth", "tile_chunks"]
+
+
+def halo_depth(kernels: CWTKernels) -> tuple[int, int]:
+    """Overlap (pixels, per axis y and x) a tile needs for exact convolutions.
+
+    Half the side of the largest kernel (wavelets and approximation): a pixel's convolution
+    reads the pixels within that distance. Equals ``(kernels.halo, kernels.halo)``.
+    """
+    arrays = (*kernels.wavelets, kernels.approx)
+    return (
+        max(k.shape[0] for k in arrays) // 2,
+        max(k.shape[1] for k in arrays) // 2,
+    )
+
+
+def tile_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Chunk sizes along one axis merged with their neighbours until each is at least ``depth``.
+
+    Dask's overlap reads the halo from the neighbouring chunk only, so every chunk of an axis
+    cut in several must hold ``depth`` pixels. The boundaries kept are a subset of the input's,
+    so results rechunk back cheaply. An axis shorter than ``depth`` becomes one chunk.
+    """
+    merged: list[int] = []
+    run = 0
+    for size in chunks:
+        run += size
+        if run >= depth:
+            merged.append(run)
+            run = 0
+    if run:
+        if merged:
+            merged[-1] += run
+        else:
+            merged.append(run)
+    return tuple(merged)
+
+
+def _grid_length(chunks: tuple[int, ...], depth: int, periodic: bool) -> int:
+    """FFT grid length along one axis for the tiles of ``chunks`` (see the module docstring)."""
+    if len(chunks) > 1 or periodic:
+        needed = max(chunks) + 2 * depth  # halo on both sides, real or padded in the tile
+    else:
+        needed = chunks[0] + depth  # one tile: zero boundary from the grid's padding
+    return scipy.fft.next_fast_len(needed, real=True)
+
+
+def _wrap_pad(image: np.ndarray, depth: int) -> np.ndarray:
+    return np.pad(image, ((0, 0), (depth, depth)), mode="wrap")
+
+
+def _interior(image: np.ndarray, offsets: tuple[int, int]) -> tuple[slice, slice]:
+    (oy, ox), (ny, nx) = offsets, image.shape[-2:]
+    return slice(oy, ny - oy), slice(ox, nx - ox)
+
+
+def _tile_iteration(
+    counts: np.ndarray,
+    background: np.ndarray,
+    model: np.ndarray,
+    approx: np.ndarray,
+    *,
+    kernels: CWTKernels,
+    grid: tuple[int, int],
+    offsets: tuple[int, int],
+    wrap_pad: int,
+) -> np.ndarray:
+    """One tile (with its halo) -> interior (3 n_scale + 1, ty, tx): T, E, significance, A."""
+    if wrap_pad:
+        counts, background, model, approx = (
+            _wrap_pad(a, wrap_pad) for a in (counts, background, model, approx)
+        )
+    spectra = core.kernel_spectra(kernels, grid)
+    transform, error_sq, new_approx = core.convolve_step(counts, background, model, approx, spectra)
+    inside = (slice(None), *_interior(counts, offsets))
+    error, sig = core.significance(transform[inside], error_sq[inside])
+    n = kernels.n_scale
+    out = np.empty((3 * n + 1, *error.shape[-2:]))
+    out[:n] = transform[inside]
+    out[n : 2 * n] = error
+    out[2 * n : 3 * n] = sig
+    out[3 * n] = new_approx[inside[1:]]
+    return out
+
+
+def _tile_approx(
+    background: np.ndarray,
+    *,
+    kernels: CWTKernels,
+    grid: tuple[int, int],
+    offsets: tuple[int, int],
+    wrap_pad: int,
+) -> np.ndarray:
+    """``conv(B, G)`` on the interior of one tile."""
+    if wrap_pad:
+        background = _wrap_pad(background, wrap_pad)
+    out = core.convolve_approx(background, core.kernel_spectra(kernels, grid))
+    return np.array(out[_interior(background, offsets)])
+
+
+def _tile_update(model: np.ndarray, support: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """(2, ty, tx): ``T2`` and the new model of one tile."""
+    transform_2d, new_model = core.update_model(model, support, transform)
+    return np.stack([transform_2d, new_model])
+
+
+class TiledStep:
+    """One CWT iteration on tiles of a dask-backed state (see the module docstring).
+
+    Parameters
+    ----------
+    cwt : CWT
+        The estimator (kernels, thresholds, cleaning options).
+    data : xarray.Dataset
+        Validated input maps with dask-backed ``counts`` (or ``background``); their (y, x)
+        chunks are the tiles and the chunking of every state returned.
+    wrap : bool
+        Periodic longitude (x) for convolutions and components.
+
+    Notes
+    -----
+    ``step(state) -> (new_state, stats)``: ``state`` holds the `cwtflow.state.STATE_VARS`
+    (numpy or dask, any chunks); ``new_state`` is lazy with (y, x) chunks of ``data`` and the
+    scale axis one chunk; ``stats`` maps ``residual_variance`` and ``support_size`` to lazy 0-d
+    dask arrays. Building the graph computes nothing.
+    """
+
+    def __init__(self, cwt: CWT, data: xr.Dataset, wrap: bool) -> None:
+        self.cwt = cwt
+        self.kernels = cwt.kernels
+        self.wrap = bool(wrap)
+        source = next(
+            (data[n].data for n in ("counts", "background") if isinstance(data[n].data, da.Array)),
+            None,
+        )
+        if source is None:
+            source = da.asarray(data["counts"].data)
+        #: (y, x) chunks of the inputs: the chunks of every state returned.
+        self.chunks: tuple[tuple[int, ...], tuple[int, ...]] = source.chunks
+        depth = halo_depth(self.kernels)
+        #: (y, x) chunks the iteration works on: each at least the halo (or the whole axis).
+        self.work_chunks = (
+            tile_chunks(self.chunks[0], depth[0]),
+            tile_chunks(self.chunks[1], depth[1]),
+        )
+        split = tuple(len(c) > 1 for c in self.work_chunks)
+        #: halo dask adds around each tile, per axis (none on an axis that is one tile).
+        self.depth = {ax: depth[ax] if split[ax] else 0 for ax in (0, 1)}
+        self.boundary: dict[int, Any] = {0: 0, 1: "periodic" if self.wrap else 0}
+        wrap_pad = depth[1] if self.wrap and not split[1] else 0
+        offsets = (self.depth[0], self.depth[1] or wrap_pad)
+        grid = (
+            _grid_length(self.work_chunks[0], depth[0], False),
+            _grid_length(self.work_chunks[1], depth[1], self.wrap),
+        )
+        self._tile_kwargs = {
+            "kernels": self.kernels,
+            "grid": grid,
+            "offsets": offsets,
+            "wrap_pad": wrap_pad,
+        }
+        self._approx_bkg_known = False
+
+    def _image(self, array: Any) -> da.Array:
+        return da.asarray(array).rechunk(self.work_chunks)
+
+    def _overlapped(self, func: Any, *images: da.Array, planes: int | None) -> da.Array:
+        """``func`` on every tile of ``images`` with its halo; returns the tile interiors."""
+        if planes is None:
+            chunks, new_axis, meta = self.work_chunks, None, np.empty((0, 0))
+        else:
+            chunks, new_axis, meta = ((planes,), *self.work_chunks), 0, np.empty((0, 0, 0))
+        return da.map_overlap(
+            func,
+            *images,
+            depth=self.depth,
+            boundary=self.boundary,
+            trim=False,
+            allow_rechunk=False,
+            chunks=chunks,
+            new_axis=new_axis,
+            dtype=np.float64,
+            meta=meta,
+            **self._tile_kwargs,
+        )
+
+    def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
+        """The lazy state after one more iteration, and its lazy statistics."""
+        cwt, n = self.cwt, self.kernels.n_scale
+        counts, background, model, approx = (
+            self._image(state[name].data) for name in ("counts", "background", "model", "approx")
+        )
+        cube_chunks = ((n,), *self.work_chunks)
+        previous_support = da.asarray(state["support"].data).rechunk(cube_chunks)
+        if self._approx_bkg_known:
+            approx_bkg = self._image(state["approx_bkg"].data)
+        else:
+            approx_bkg = self._overlapped(_tile_approx, background, planes=None)
+            self._approx_bkg_known = True
+
+        planes = self._overlapped(
+            _tile_iteration, counts, background, model, approx, planes=3 * n + 1
+        )
+        transform, error, sig = planes[:n], planes[n : 2 * n], planes[2 * n : 3 * n]
+        new_approx = planes[3 * n]
+
+        kept = labels.clean_support(
+            sig,
+            cwt.significance_threshold,
+            remove_isolated=cwt.remove_isolated,
+            island_threshold=cwt.significance_island_threshold,
+            wrap_x=self.wrap,
+        )
+        support = previous_support | kept
+        updated = da.map_blocks(
+            _tile_update,
+            model,
+            support,
+            transform,
+            chunks=((2,), *self.work_chunks),
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0)),
+        )
+        transform_2d, new_model = updated[0], updated[1]
+
+        residual = counts - (new_model + new_approx)
+        stats = {
+            "residual_variance": residual.var(),
+            "support_size": support.any(axis=0).sum(),
+        }
+        images = {
+            "counts": counts,
+            "background": background,
+            "model": new_model,
+            "approx": new_approx,
+            "approx_bkg": approx_bkg,
+            "transform_2d": transform_2d,
+        }
+        cubes = {"transform_3d": transform, "error": error, "support": support}
+        arrays = {name: a.rechunk(self.chunks) for name, a in images.items()}
+        arrays |= {name: a.rechunk(((n,), *self.chunks)) for name, a in cubes.items()}
+        return new_state(state, arrays, self.kernels), stats
