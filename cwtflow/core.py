@@ -89,9 +89,43 @@ def kernel_spectra(kernels: CWTKernels, shape: tuple[int, int]) -> KernelSpectra
     return KernelSpectra(shape, wavelet, wavelet_sq, approx)
 
 
+def _forward(images: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
+    """``rfft2(images, s=shape)`` of a (k, ny, nx) stack, pruned: the row pass transforms only
+    the ``ny`` image rows (the padding rows are zero), then the column pass runs in place on a
+    zero-padded buffer. The passes of ``rfft2``, in the same order; padding is done here because
+    scipy's own (``n=``) is several times slower than the transform."""
+    k, ny, nx = images.shape
+    if nx == shape[1]:
+        padded = images
+    else:
+        padded = np.zeros((k, ny, shape[1]))
+        padded[..., :nx] = images
+    rows = scipy.fft.rfft(padded, axis=-1, workers=workers)
+    if ny == shape[0]:
+        columns = rows
+    else:
+        columns = np.zeros((k, shape[0], rows.shape[-1]), dtype=rows.dtype)
+        columns[:, :ny] = rows
+    return scipy.fft.fft(columns, axis=-2, overwrite_x=True, workers=workers)
+
+
+def _inverse(
+    spectra: np.ndarray, shape: tuple[int, int], out_shape: tuple[int, int], workers: int
+) -> np.ndarray:
+    """``irfft2(spectra, s=shape)[..., :ny, :nx]``, pruned: the column pass runs on every
+    column, the row pass only on the ``ny`` rows kept. ``spectra`` is overwritten.
+
+    Returns a (..., ny, nx) view into a (..., ny, shape[1]) buffer (rows padded, no copy).
+    """
+    ny, nx = out_shape
+    columns = scipy.fft.ifft(spectra, axis=-2, overwrite_x=True, workers=workers)
+    planes = scipy.fft.irfft(columns[..., :ny, :], n=shape[1], axis=-1, workers=workers)
+    return planes[..., :nx]
+
+
 def image_spectra(*images: np.ndarray, shape: tuple[int, int], workers: int = 1) -> np.ndarray:
     """Stacked real-FFT spectra of ``images`` zero-padded to ``shape``."""
-    return scipy.fft.rfft2(np.stack(images), s=shape, workers=workers)
+    return _forward(np.stack(images), shape, workers)
 
 
 def convolve_step(
@@ -114,12 +148,15 @@ def convolve_step(
         Kernel spectra on the FFT grid used for this tile.
     const_spectra : ndarray, shape (2, P0, P1 // 2 + 1), optional
         ``image_spectra(counts, background)`` on the same grid, when the caller keeps it across
-        iterations (saves two forward FFTs per iteration).
+        iterations (saves a forward FFT per iteration; only the counts spectrum is used).
     workers : int
         Threads for scipy.fft.
 
     Returns
     -------
+    The three are views of one new buffer (rows padded to the FFT grid: not C-contiguous), which
+    the caller owns and may overwrite.
+
     transform : ndarray, shape (n_scale, ny, nx)
         ``conv(C - (M + B + A), K_i)``.
     error_sq : ndarray, shape (n_scale, ny, nx)
@@ -129,32 +166,40 @@ def convolve_step(
     """
     ny, nx = counts.shape
     shape = spectra.shape
-    if const_spectra is None:
-        f_total, f_cmb = image_spectra(
-            model + background + approx, counts - model - background, shape=shape, workers=workers
-        )
-        f_excess = f_cmb - image_spectra(approx, shape=shape, workers=workers)[0]
-    else:
-        f_counts, f_background = const_spectra
-        f_model, f_approx = image_spectra(model, approx, shape=shape, workers=workers)
-        f_cmb = f_counts - f_background - f_model
-        f_excess = f_cmb - f_approx
-        f_total = f_model + f_background + f_approx
     n_scale = spectra.wavelet.shape[0]
-    products = np.empty((2 * n_scale + 1, *f_cmb.shape), dtype=f_cmb.dtype)
-    np.multiply(f_excess, spectra.wavelet, out=products[:n_scale])
+    # total = M + B + A and C - M - B, written straight into the stack to transform
+    padded = np.zeros((2 if const_spectra is not None else 3, ny, shape[1]))
+    images = padded[..., :nx]
+    np.add(model, background, out=images[0])
+    images[0] += approx
+    np.subtract(counts, model, out=images[1])
+    images[1] -= background
+    if const_spectra is None:
+        np.subtract(counts, images[0], out=images[2])
+        f_total, f_cmb, f_excess = _forward(padded, shape, workers)
+    else:
+        f_total, f_cmb = _forward(padded, shape, workers)
+        f_excess = None
+    products = np.empty((2 * n_scale + 1, *f_total.shape), dtype=f_total.dtype)
+    # excess spectrum in place in the first product plane, then each scale's product from it
+    if f_excess is None:
+        np.subtract(const_spectra[0], f_total, out=products[0])
+    else:
+        products[0] = f_excess
+    for i in range(1, n_scale):
+        np.multiply(products[0], spectra.wavelet[i], out=products[i])
+    products[0] *= spectra.wavelet[0]
     np.multiply(f_total, spectra.wavelet_sq, out=products[n_scale : 2 * n_scale])
     np.multiply(f_cmb, spectra.approx, out=products[2 * n_scale])
-    planes = scipy.fft.irfft2(products, s=shape, workers=workers, overwrite_x=True)
-    planes = planes[:, :ny, :nx]
-    return planes[:n_scale], planes[n_scale : 2 * n_scale], np.ascontiguousarray(planes[-1])
+    planes = _inverse(products, shape, (ny, nx), workers)
+    return planes[:n_scale], planes[n_scale : 2 * n_scale], planes[2 * n_scale]
 
 
 def convolve_approx(image: np.ndarray, spectra: KernelSpectra, *, workers: int = 1) -> np.ndarray:
     """``conv(image, G)`` with the approximation kernel (used once for ``approx_bkg``)."""
-    spec = image_spectra(image, shape=spectra.shape, workers=workers)[0] * spectra.approx
-    out = scipy.fft.irfft2(spec, s=spectra.shape, workers=workers)
-    return out[: image.shape[0], : image.shape[1]]
+    spec = image_spectra(image, shape=spectra.shape, workers=workers)[0]
+    spec *= spectra.approx
+    return _inverse(spec, spectra.shape, image.shape, workers)
 
 
 def significance(transform: np.ndarray, error_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,10 +207,23 @@ def significance(transform: np.ndarray, error_sq: np.ndarray) -> tuple[np.ndarra
 
     Pixels with no variance under the kernel are not significant; no NaN or inf is produced.
     """
-    error = np.sqrt(np.maximum(error_sq, 0.0))
-    sig = np.zeros_like(transform)
-    np.divide(transform, error, out=sig, where=error > 0)
-    return error, sig
+    error = np.maximum(error_sq, 0.0)
+    np.sqrt(error, out=error)
+    return error, _ratio(transform, error)
+
+
+def _error_inplace(error_sq: np.ndarray) -> np.ndarray:
+    """`significance`'s error, computed in the caller's (disposable) ``error_sq`` buffer."""
+    np.maximum(error_sq, 0.0, out=error_sq)
+    return np.sqrt(error_sq, out=error_sq)
+
+
+def _ratio(transform: np.ndarray, error: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``transform / error``, 0 where ``error == 0`` (``error >= 0``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.divide(transform, error, out=out)
+    np.copyto(out, 0.0, where=error == 0)
+    return out
 
 
 def component_keep(
@@ -202,6 +260,21 @@ def _join_seam(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
     return mapping[labels], n_comp - 1
 
 
+def _drop_isolated(mask: np.ndarray, *, wrap_x: bool) -> np.ndarray:
+    """``mask`` without its one-pixel components: a pixel stays when one of its 4 neighbours is
+    set (across the x seam with ``wrap_x``). The same mask as labelling, without labels."""
+    neighbour = np.zeros_like(mask)
+    neighbour[1:] |= mask[:-1]
+    neighbour[:-1] |= mask[1:]
+    neighbour[:, 1:] |= mask[:, :-1]
+    neighbour[:, :-1] |= mask[:, 1:]
+    if wrap_x and mask.shape[1] > 1:
+        neighbour[:, 0] |= mask[:, -1]
+        neighbour[:, -1] |= mask[:, 0]
+    neighbour &= mask
+    return neighbour
+
+
 def clean_support(
     sig: np.ndarray,
     threshold: float,
@@ -217,6 +290,8 @@ def clean_support(
     mask = sig > threshold
     if not remove_isolated and island_threshold is None:
         return mask
+    if island_threshold is None:
+        return _drop_isolated(mask, wrap_x=wrap_x)
     labels, n = ndimage.label(mask, structure=CROSS)
     if n == 0:
         return mask
@@ -237,5 +312,9 @@ def update_model(
     model: np.ndarray, support: np.ndarray, transform: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``T2 = sum_i S_i * T_i`` and ``M + max(T2, 0)`` (spec step 6)."""
-    transform_2d = np.where(support, transform, 0.0).sum(axis=0)
-    return transform_2d, model + np.maximum(transform_2d, 0.0)
+    transform_2d = np.zeros(model.shape)
+    for i in range(transform.shape[0]):
+        np.add(transform_2d, transform[i], out=transform_2d, where=support[i])
+    new_model = np.maximum(transform_2d, 0.0)
+    new_model += model
+    return transform_2d, new_model

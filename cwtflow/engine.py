@@ -334,15 +334,17 @@ class _InMemoryStep:
             const_spectra=self.const,
             workers=cwt.fft_workers,
         )
-        error, sig = core.significance(transform, error_sq)
+        # the planes returned are fresh views of one buffer: E goes in place of E**2
+        error = core._error_inplace(error_sq)
         support = state["support"].values.copy()
-        for i in range(sig.shape[0]):
-            support[i] |= cwt._keep_mask(sig[i], self.wrap)
+        sig = np.empty(model.shape)
+        for i in range(transform.shape[0]):
+            core._ratio(transform[i], error[i], out=sig)
+            support[i] |= cwt._keep_mask(sig, self.wrap)
         transform_2d, model = core.update_model(model, support, transform)
-        residual = self.counts - (model + approx)
         stats = {
-            "residual_variance": float(residual.var()),
-            "support_size": int(support.any(axis=0).sum()),
+            "residual_variance": _residual_variance(self.counts, model, approx),
+            "support_size": int(np.count_nonzero(np.logical_or.reduce(support, axis=0))),
         }
         arrays = {
             "counts": self.counts,
@@ -351,11 +353,20 @@ class _InMemoryStep:
             "approx": approx,
             "approx_bkg": self.approx_bkg,
             "transform_2d": transform_2d,
-            "transform_3d": np.ascontiguousarray(transform),
+            "transform_3d": transform,
             "error": error,
             "support": support,
         }
         return new_state(state, arrays, cwt.kernels), stats
+
+
+def _residual_variance(counts: np.ndarray, model: np.ndarray, approx: np.ndarray) -> float:
+    """``var(C - (M + A))`` as ``numpy.var`` computes it, in one scratch image."""
+    residual = np.add(model, approx)
+    np.subtract(counts, residual, out=residual)
+    residual -= residual.mean()
+    np.multiply(residual, residual, out=residual)
+    return float(residual.mean())
 
 
 class _MemorySink:
