@@ -16,21 +16,26 @@ A, T_i, E_i are the state's model, counts, background, approximation, transform 
 - *source*: a deblended component of an island (`cwtflow.peaks`): a watershed region of M
   whose peak is neither a shoulder of a higher peak (``contrast``) nor closer than
   ``min_separation`` to one, and whose ``significance`` reaches ``min_significance``.
-- ``significance``: Poisson likelihood-ratio test of a source with the shape of M over the
-  region on top of the null background b (B, or ``max(B + A, 0)`` with ``approx_in_null``):
-  ``TS = 2 max_a sum(C ln(1 + a M / b) - a M)`` (Cash 1979; for one pixel this is Li & Ma 1983
-  eq. 17 with a perfectly known background), ``significance = sqrt(TS)``. B alone is the
-  default null because A = conv(C - M - B, G) still holds the part of every source that the
-  model has not yet absorbed (the model grows by a fraction of the excess per iteration), so
-  B + A takes a large share of a faint source's counts into the null hypothesis.
-- ``source_counts``: ``a* sum(M)`` of that fit, the source's counts over the region;
-  ``model_counts``: ``sum(M)`` (smaller when the iteration stopped before the model took all
-  the excess); ``counts`` and ``background``: sums of C and of b over the region.
+- ``significance``: Poisson likelihood-ratio test of a source on top of the null background
+  b (B, or ``max(B + A, 0)`` with ``approx_in_null``), ``TS = 2 max_a sum(C ln(1 + a m / b) -
+  a m)`` over the amplitude ``a >= 0`` of a source template m (Cash 1979; for one pixel this is
+  Li & Ma 1983 eq. 17 with a perfectly known background), ``significance = sqrt(TS)``. The
+  template is the source's own model (M on its region; only the region's pixels count) or,
+  when ``psf_sigma`` is given, a point source: a unit-integral Gaussian of that sigma at the
+  centroid over a window of 4 sigma, with the model of every other source added to b there.
+  B alone is the default null because A = conv(C - M - B, G) still holds the part of every
+  source that the model has not yet absorbed (the model grows by a fraction of the excess per
+  iteration), so B + A takes a large share of a faint source's counts into the null.
+- ``source_counts``: the fitted source counts, ``a* sum(m)`` (model template; counts inside the
+  region) or ``a*`` (point source); ``model_counts``: ``sum(M)`` over the region (smaller when
+  the iteration stopped before the model took all the excess); ``counts`` and
+  ``background``: sums of C and of b over the region.
 - ``x``, ``y``: centroid of M over the region.
-- ``pos_err``: per-axis 1-sigma position error, the Cramér-Rao bound of a source of
-  ``source_counts`` with the shape of M over b: ``var(x) = 1 / sum((a dM/dx)^2 / (b + a M))``,
-  the same for y, ``pos_err = sqrt((var(x) dx^2 + var(y) dy^2) / 2)`` with the pixel sizes dx,
-  dy in deg (for a Gaussian of sigma s without background: ``s / sqrt(counts)``).
+- ``pos_err``: per-axis 1-sigma position error, the Cramér-Rao bound of the fitted source
+  (template m, amplitude a*) over b: ``var(x) = 1 / sum((a* dm/dx)^2 / (b + a* m))``, the same
+  for y, ``pos_err = sqrt((var(x) dx^2 + var(y) dy^2) / 2)`` with the pixel sizes dx, dy in
+  deg (for a Gaussian of sigma s without background: ``s / sqrt(counts)``). A lower bound:
+  the model centroid is not the maximum-likelihood position.
 - ``peak_significance``, ``peak_scale``: at the peak pixel of M in the region, the maximum over
   scales of ``(T_i + conv(M_src, K_i)) / E_i`` — the state's transform of the residual with the
   source's own model ``M_src`` (M on the region) added back, over its Gaussian error — and the
@@ -45,6 +50,7 @@ A, T_i, E_i are the state's model, counts, background, approximation, transform 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -99,7 +105,7 @@ CATALOG_COLUMNS: dict[str, tuple[type, str | None, str]] = {
     "source_counts": (
         np.float64,
         "ct",
-        "maximum-likelihood source counts with the model's shape over the region",
+        "maximum-likelihood source counts (model-shaped or point-source template)",
     ),
     "counts": (np.float64, "ct", "observed counts in the source's region"),
     "background": (np.float64, "ct", "null-hypothesis background counts in the region"),
@@ -211,10 +217,26 @@ def _island_columns(labels: np.ndarray, n: int, wrap: bool) -> list[tuple[int, i
     return boxes
 
 
-def _take(array: Any, box: tuple[int, int, int, int], nx: int) -> Any:
-    """``array[..., y0:y1, x0:x1]`` with x continued periodically past the map's width."""
+def _with_margin(
+    box: tuple[int, int, int, int], margin: int, shape: tuple[int, int], wrap: bool
+) -> tuple[int, int, int, int]:
+    """``box`` grown by ``margin`` pixels: clipped at the map's edges, except along a
+    wrapping x axis where it continues across the seam (never wider than the map)."""
     y0, y1, x0, x1 = box
-    if x1 <= nx:
+    ny, nx = shape
+    y0, y1 = max(0, y0 - margin), min(ny, y1 + margin)
+    if not wrap:
+        return y0, y1, max(0, x0 - margin), min(nx, x1 + margin)
+    if (x1 - x0) + 2 * margin >= nx:
+        start = x0 - (nx - (x1 - x0)) // 2
+        return y0, y1, start, start + nx
+    return y0, y1, x0 - margin, x1 + margin
+
+
+def _take(array: Any, box: tuple[int, int, int, int], nx: int) -> Any:
+    """``array[..., y0:y1, x0:x1]`` with x continued periodically outside ``0 .. nx``."""
+    y0, y1, x0, x1 = box
+    if 0 <= x0 and x1 <= nx:
         return array[..., y0:y1, x0:x1]
     return array[..., y0:y1, :][..., np.arange(x0, x1) % nx]
 
@@ -243,6 +265,7 @@ def find_sources(
     contrast: float = 0.2,
     min_separation: float | None = None,
     approx_in_null: bool = False,
+    psf_sigma: float | u.Quantity | None = None,
     kernels: CWTKernels | None = None,
 ) -> Table:
     """Catalog of the sources in a CWT result.
@@ -268,6 +291,10 @@ def find_sources(
         wavelet, ``min_scale * step_scale``.
     approx_in_null : bool
         Use ``max(B + A, 0)`` instead of B as the background of the likelihood test.
+    psf_sigma : float or astropy Quantity, optional
+        Sigma of a Gaussian approximation of the PSF (pixels, or an angle). When given, the
+        ``significance``, ``source_counts`` and ``pos_err`` are those of a point source at the
+        centroid (see the module docstring) instead of a source with the model's shape.
     kernels : CWTKernels, optional
         The run's kernels, when the result's attrs do not record them (they must match the
         result's ``scale`` coordinate).
@@ -290,21 +317,27 @@ def find_sources(
     if not (np.isfinite(min_separation) and min_separation >= 0):
         raise InputError(f"min_separation must be a non-negative number, got {min_separation!r}")
     wcs = wcs_from_attrs(result.attrs).celestial
+    pixel_size = float(np.mean(proj_plane_pixel_scales(wcs)))
+    psf_pix = _psf_pixels(psf_sigma, pixel_size)
     exposure_data = _exposure_array(result, exposure, shape)
     wrap = is_allsky(wcs, shape)
+    margin = 0 if psf_pix is None else math.ceil(peaks.PSF_WINDOW * psf_pix) + 1
 
     support_2d = np.asarray(dask.compute(_data(result, "support").any(axis=0))[0], dtype=bool)
     labels, n = ndimage.label(support_2d, structure=CROSS)
     if wrap and n:
         labels, n = _join_seam(labels, n)
-    boxes = _island_columns(labels, n, wrap) if n else []
+    boxes = [_with_margin(b, margin, shape, wrap) for b in _island_columns(labels, n, wrap)]
 
     names2 = ["model", "counts", "background", "approx"]
     arrays = {name: _data(result, name) for name in (*names2, "transform_3d", "error")}
     if exposure_data is not None:
         arrays["exposure"] = exposure_data
     lazy = [{name: _take(a, box, shape[1]) for name, a in arrays.items()} for box in boxes]
-    cutouts = dask.compute(*lazy) if lazy else ()
+    if any(not isinstance(a, np.ndarray) for a in arrays.values()):
+        cutouts = dask.compute(*lazy)  # one graph: every island's boxes in one pass
+    else:
+        cutouts = tuple(lazy)
 
     found: list[tuple[int, tuple[int, int, int, int], peaks.IslandSources]] = []
     for label, (box, cut) in enumerate(zip(boxes, cutouts, strict=True), start=1):
@@ -324,6 +357,7 @@ def find_sources(
             contrast=float(contrast),
             min_separation=float(min_separation),
             approx_in_null=bool(approx_in_null),
+            psf_sigma=psf_pix,
         )
         if sources.x.size:
             found.append((label, box, sources))
@@ -339,7 +373,9 @@ def find_sources(
             "NSCALE": kernels.n_scale,
             "MINSCALE": kernels.min_scale,
             "STEPSCAL": kernels.step_scale,
-            "PIXSIZE": float(np.mean(proj_plane_pixel_scales(wcs))),
+            "PIXSIZE": pixel_size,
+            "PSFSIGMA": 0.0 if psf_pix is None else psf_pix * pixel_size,  # deg; 0: none
+            "NULL": "B+A" if approx_in_null else "B",
             "NISLAND": int(n),
         }
     )
@@ -351,6 +387,23 @@ def find_sources(
             stacklevel=2,
         )
     return table
+
+
+def _psf_pixels(psf_sigma: Any, pixel_size: float) -> float | None:
+    """``psf_sigma`` in pixels (a plain number already is; an angle is divided by the pixel
+    size in deg)."""
+    if psf_sigma is None:
+        return None
+    if isinstance(psf_sigma, u.Quantity):
+        try:
+            value = psf_sigma.to_value(u.deg) / pixel_size
+        except u.UnitsError:
+            raise InputError(f"psf_sigma must be an angle or pixels, got {psf_sigma!r}") from None
+    else:
+        value = psf_sigma
+    if isinstance(value, bool) or not np.isscalar(value) or not (np.isfinite(value) and value > 0):
+        raise InputError(f"psf_sigma must be a positive number, got {psf_sigma!r}")
+    return float(value)
 
 
 def _frame(wcs: Any) -> str:
@@ -376,7 +429,8 @@ def _assemble(
     x0 = np.concatenate([np.full(s.x.size, box[2]) for _, box, s in found])
     nx = shape[1]
     x = cols["x"] + x0
-    x = np.where(x >= nx - 0.5, x - nx, x)  # centroids past the seam come back onto the map
+    # centroids past the seam (all-sky boxes continue across it) come back onto the map
+    x = np.where((x < -0.5) | (x >= nx - 0.5), (x + 0.5) % nx - 0.5, x)
     y = cols["y"] + y0
     sx, sy = proj_plane_pixel_scales(wcs)[:2]
     sky = wcs.pixel_to_world(x, y)

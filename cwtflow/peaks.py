@@ -21,6 +21,7 @@ What remains are the deblended components; each is then measured on its own pixe
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -244,20 +245,20 @@ def template_significance(
     if np.any((b <= 0) & (c > 0)):
         # counts where only the source predicts any: the background-only hypothesis is excluded
         return float("inf"), float(c.sum() / total_m)
+    # pixels without counts add only -a * m to log L: the sums below run over the others
+    hit = c > 0
+    c, b, m = c[hit], b[hit], m[hit]
+    cm = c * m
 
     def gradient(a: float) -> tuple[float, float]:
-        rate = b + a * m
-        ratio = np.divide(c * m, rate, out=np.zeros_like(rate), where=rate > 0)
-        curvature = -float(
-            np.sum(np.divide(ratio * m, rate, out=np.zeros_like(rate), where=rate > 0))
-        )
-        return float(ratio.sum()) - total_m, curvature
+        ratio = cm / (b + a * m)
+        return float(ratio.sum()) - total_m, -float((ratio * ratio / c).sum())
 
     g0, _ = gradient(0.0)
     if g0 <= 0:
         return 0.0, 0.0
     lo, hi = 0.0, float(c.sum()) / total_m + 1.0  # the gradient is negative at hi
-    a = 0.5 * hi
+    a = min(max((float(c.sum()) - float(b.sum())) / total_m, 0.0), hi) or 0.5 * hi
     for _ in range(200):
         g, h = gradient(a)
         if g > 0:
@@ -270,10 +271,7 @@ def template_significance(
             a = a_new
             break
         a = a_new
-    rate = b + a * m
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_ratio = np.where(c > 0, c * np.log(rate / b), 0.0)
-    ts = 2.0 * (float(log_ratio.sum()) - a * total_m)
+    ts = 2.0 * (float(np.sum(c * np.log1p(a * m / b))) - a * total_m)
     return float(np.sqrt(max(ts, 0.0))), float(a)
 
 
@@ -353,6 +351,54 @@ def _position_variance(
     return out[0], out[1]
 
 
+#: Half-width of the point-source likelihood window, in PSF sigmas.
+PSF_WINDOW = 4.0
+
+
+def _source_likelihood(
+    region: np.ndarray,
+    own: np.ndarray,
+    counts: np.ndarray,
+    null: np.ndarray,
+    others: np.ndarray,
+    centre: tuple[float, float],
+    psf_sigma: float | None,
+) -> tuple[float, float, float, float]:
+    """Significance, fitted counts and Cramér-Rao position variances (x, y) of one source.
+
+    Without ``psf_sigma`` the template is the source's own model ``own`` (zero outside its
+    region) and only the region's pixels count. With it, the template is a unit-integral
+    Gaussian of ``psf_sigma`` at ``centre`` (x, y) over a window of `PSF_WINDOW` sigmas, and
+    the model of every other source (``others``) is added to the null background there.
+    """
+    if psf_sigma is None:
+        # gradients of the whole model: the region's edge is not an edge of the source
+        full = own + others
+        grad_y, grad_x = np.gradient(full) if min(full.shape) > 1 else (full * 0, full * 0)
+        template, b = own[region], null[region]
+        sig, amplitude = template_significance(counts[region], b, template)
+        x_var, y_var = _position_variance(amplitude, template, b, grad_x[region], grad_y[region])
+        return sig, amplitude * float(template.sum()), x_var, y_var
+    cx, cy = centre
+    ny, nx = counts.shape
+    half = PSF_WINDOW * psf_sigma
+    y0, y1 = max(0, math.floor(cy - half)), min(ny, math.ceil(cy + half) + 1)
+    x0, x1 = max(0, math.floor(cx - half)), min(nx, math.ceil(cx + half) + 1)
+    dy = np.arange(y0, y1, dtype=np.float64)[:, None] - cy
+    dx = np.arange(x0, x1, dtype=np.float64)[None, :] - cx
+    s2 = psf_sigma * psf_sigma
+    template = np.exp(-(dx * dx + dy * dy) / (2 * s2)) / (2 * math.pi * s2)
+    box = (slice(y0, y1), slice(x0, x1))
+    b = null[box] + others[box]
+    sig, amplitude = template_significance(counts[box].ravel(), b.ravel(), template.ravel())
+    grad_x = -template * dx / s2 * np.ones_like(dy)
+    grad_y = -template * dy / s2 * np.ones_like(dx)
+    x_var, y_var = _position_variance(
+        amplitude, template.ravel(), b.ravel(), grad_x.ravel(), grad_y.ravel()
+    )
+    return sig, amplitude, x_var, y_var
+
+
 def island_sources(
     mask: np.ndarray,
     model: np.ndarray,
@@ -369,39 +415,44 @@ def island_sources(
     contrast: float,
     min_separation: float,
     approx_in_null: bool = False,
+    psf_sigma: float | None = None,
 ) -> IslandSources:
     """Deblend one island and measure its sources.
 
     Parameters
     ----------
     mask : ndarray of bool, shape (ny, nx)
-        The island's pixels in its bounding box.
+        The island's pixels in its cut-out (its bounding box, with a margin for the
+        point-source likelihood window when ``psf_sigma`` is given).
     model, counts, background, approx : ndarray, shape (ny, nx)
-        M, C, B and A of the state on the box.
+        M, C, B and A of the state on the cut-out.
     transform, error : ndarray, shape (n_scale, ny, nx)
-        T_i and E_i of the state on the box.
+        T_i and E_i of the state on the cut-out.
     exposure : ndarray, shape (ny, nx), or None
-        Exposure (cm2 s) on the box.
+        Exposure (cm2 s) on the cut-out.
     wavelets : tuple of ndarray
         The run's wavelet kernels.
     min_significance : float
-        Components whose `template_significance` is below this are dropped.
+        Sources whose likelihood significance is below this are dropped.
     deblend : bool
         Split the island into components (else one source per island).
     contrast, min_separation : float
         Deblending settings (see `merge_basins`).
     approx_in_null : bool
         The background of the likelihood test is ``max(B + A, 0)`` instead of ``B``.
+    psf_sigma : float, optional
+        Gaussian PSF sigma (pixels): test a point source at the centroid (see
+        `_source_likelihood`) instead of the source's model shape.
 
     Returns
     -------
     IslandSources
         Per source (ordered by peak model value, highest first): model-weighted centroid
-        ``x``, ``y`` and its Poisson variance (pixel², see `cwtflow.catalog`), peak pixel, peak
-        significance and its scale index, model second moments (pixel²), pixel count, model
-        counts, fitted source counts and `template_significance` of the model's shape,
-        observed counts and null-hypothesis background summed over the component, and the
-        model-weighted mean exposure (NaN without exposure).
+        ``x``, ``y`` and its Cramér-Rao variance (pixel², see `cwtflow.catalog`), peak pixel,
+        peak significance and its scale index, model second moments (pixel²), pixel count, model
+        counts, fitted source counts and likelihood significance, observed counts and
+        null-hypothesis background summed over the region, and the model-weighted mean exposure
+        (NaN without exposure).
     """
     labels = _components(
         mask, model, deblend=deblend, contrast=contrast, min_separation=min_separation
@@ -411,19 +462,13 @@ def island_sources(
     keep_labels = np.full(labels.shape, -1, dtype=np.int64)
     ys, xs = np.indices(mask.shape, dtype=np.float64)
     positive = np.maximum(model, 0.0)
-    grad_y, grad_x = np.gradient(model) if min(model.shape) > 1 else (0 * model, 0 * model)
-    bkg = np.maximum(background + approx, 0.0) if approx_in_null else np.maximum(background, 0.0)
+    null = np.maximum(background + approx, 0.0) if approx_in_null else np.maximum(background, 0.0)
     for c in range(n_comp):
         region = labels == c
         peak = np.unravel_index(int(np.argmax(np.where(region, model, -np.inf))), region.shape)
-        weight = positive[region]
+        own = np.where(region, positive, 0.0)
+        weight = own[region]
         total = float(weight.sum())
-        n_on = counts[region]
-        mu_b = bkg[region]
-        significance, amplitude = template_significance(n_on, mu_b, weight)
-        if not significance >= min_significance:
-            continue
-        sig, scale = peak_significance(transform, error, model, region, peak, wavelets)
         if total > 0:
             cx = float((weight * xs[region]).sum() / total)
             cy = float((weight * ys[region]).sum() / total)
@@ -434,7 +479,12 @@ def island_sources(
         else:
             cx, cy = float(peak[1]), float(peak[0])
             mxx = myy = mxy = 0.0
-        x_var, y_var = _position_variance(amplitude, weight, mu_b, grad_x[region], grad_y[region])
+        significance, source_counts, x_var, y_var = _source_likelihood(
+            region, own, counts, null, positive - own, (cx, cy), psf_sigma
+        )
+        if not significance >= min_significance:
+            continue
+        sig, scale = peak_significance(transform, error, model, region, peak, wavelets)
         if exposure is not None and total > 0:
             mean_exposure = float((weight * exposure[region]).sum() / total)
         else:
@@ -454,9 +504,9 @@ def island_sources(
             "moment_xy": mxy,
             "npix": int(region.sum()),
             "model_counts": float(model[region].sum()),
-            "source_counts": amplitude * total,
-            "counts": float(n_on.sum()),
-            "background": float(mu_b.sum()),
+            "source_counts": source_counts,
+            "counts": float(counts[region].sum()),
+            "background": float(null[region].sum()),
             "significance": significance,
             "mean_exposure": mean_exposure,
         }

@@ -210,15 +210,38 @@ def test_nothing_found_warns_and_returns_the_empty_table():
         assert table[name].unit == (u.Unit(unit) if unit else None)
 
 
-def test_dask_chunked_state_gives_the_identical_table(three_sources):
+@pytest.mark.parametrize("psf_sigma", [None, 1.5])
+def test_dask_chunked_state_gives_the_identical_table(three_sources, psf_sigma):
     data, result = three_sources
-    expected = find_sources(result, exposure=data["exposure"])
+    expected = find_sources(result, exposure=data["exposure"], psf_sigma=psf_sigma)
     lazy = result.chunk({"y": 24, "x": 40, "scale": 1})
     assert lazy["transform_3d"].chunks is not None
-    got = find_sources(lazy, exposure=data["exposure"].chunk({"y": 30, "x": 50}))
+    got = find_sources(
+        lazy, exposure=data["exposure"].chunk({"y": 30, "x": 50}), psf_sigma=psf_sigma
+    )
     assert got.colnames == expected.colnames and len(got) == len(expected)
     for name in expected.colnames:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_point_source_likelihood_with_a_psf(three_sources):
+    data, result = three_sources
+    table = find_sources(result, exposure=data["exposure"], psf_sigma=1.5)
+    assert len(table) == len(SOURCES)
+    assert table.meta["PSFSIGMA"] == pytest.approx(0.15)
+    for x0, y0, sigma, total in SOURCES:
+        i = int(np.argmin(np.hypot(table["x"] - x0, table["y"] - y0)))
+        if sigma == 1.5:  # the point sources: the fit recovers their counts
+            assert table["source_counts"][i] == pytest.approx(total, rel=0.25)
+            expected_err = 0.1 * sigma / math.sqrt(total)  # deg, no-background limit
+            assert expected_err < table["pos_err"][i] < 2 * expected_err
+    np.testing.assert_allclose(table["flux"], table["source_counts"] / 2.0e10, rtol=1e-12)
+    # an angle is converted with the pixel size
+    same = find_sources(result, exposure=data["exposure"], psf_sigma=0.15 * u.deg)
+    np.testing.assert_allclose(same["significance"], table["significance"], rtol=1e-9)
+    for bad in (0, -1.0, np.nan, 2 * u.s):
+        with pytest.raises(InputError, match="psf_sigma"):
+            find_sources(result, psf_sigma=bad)
 
 
 def assert_same_catalog(got, expected):
@@ -266,18 +289,20 @@ def test_a_source_on_the_allsky_seam_is_one_source():
     counts = np.random.default_rng(4).poisson(rate).astype(float)
     data = cwtflow.make_maps(counts, np.full(shape, 0.3), wcs)
     result = run(data)
-    table = find_sources(result)
-    assert len(table) == 1
-    x = table["x"][0]
-    assert min(abs(x - 359.6), abs(x + 0.4)) < 0.7
-    assert -0.5 <= x < 359.5
-    lon = table["lon"][0]
-    expected_lon = wcs.wcs_pix2world(-0.4, 16.0, 0)[0] % 360
-    assert abs((lon - expected_lon + 180) % 360 - 180) < 0.7
-    # identical through dask chunks that split the map at the seam's neighbours
-    lazy = find_sources(result.chunk({"x": 90}))
-    for name in table.colnames:
-        np.testing.assert_array_equal(lazy[name], table[name], err_msg=name)
+    for psf_sigma in (None, 1.5):  # the likelihood window crosses the seam too
+        table = find_sources(result, psf_sigma=psf_sigma)
+        assert len(table) == 1
+        x = table["x"][0]
+        assert min(abs(x - 359.6), abs(x + 0.4)) < 0.7
+        assert -0.5 <= x < 359.5
+        lon = table["lon"][0]
+        expected_lon = wcs.wcs_pix2world(-0.4, 16.0, 0)[0] % 360
+        assert abs((lon - expected_lon + 180) % 360 - 180) < 0.7
+        assert table["source_counts"][0] == pytest.approx(80, rel=0.35)
+        # identical through dask chunks that split the map at the seam's neighbours
+        lazy = find_sources(result.chunk({"x": 90}), psf_sigma=psf_sigma)
+        for name in table.colnames:
+            np.testing.assert_array_equal(lazy[name], table[name], err_msg=name)
 
 
 def test_bad_input_is_refused_with_a_clear_error(three_sources):
