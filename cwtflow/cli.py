@@ -1,4 +1,5 @@
-"""Command-line interface: ``cwtflow run``, ``cwtflow demo``, ``cwtflow info``.
+"""Command-line interface: ``cwtflow run``, ``cwtflow demo``, ``cwtflow info``,
+``cwtflow catalog``.
 
 A thin layer over the public API: options are turned into API calls by a few builder functions
 (`build_cwt`, `load_maps`, `analyze_kwargs`, `write_result`), so a new option means one
@@ -519,6 +520,97 @@ def info(result: Path) -> None:
         _iteration_table(state),
     )
     _echo_table("Metrics", state_metrics(state))
+
+
+@cli.command()
+@click.argument("result", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Catalog file (.fits, .fits.gz or .ecsv).",
+)
+@click.option("--regions", type=click.Path(path_type=Path), help="Also write a DS9 region file.")
+@click.option(
+    "--maps",
+    type=click.Path(path_type=Path),
+    help="FITS maps with an EXPOSURE HDU, for fluxes (a .zarr RESULT has its own exposure).",
+)
+@click.option(
+    "--min-significance",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Drop sources below this Poisson likelihood significance.",
+)
+@click.option(
+    "--psf-sigma",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Gaussian PSF sigma (deg): test point sources instead of the model's shape.",
+)
+@click.option(
+    "--deblend/--no-deblend", default=True, show_default=True, help="Split multi-peak islands."
+)
+@click.option(
+    "--contrast",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Relative dip below a secondary peak for it to be a source of its own.",
+)
+@click.option(
+    "--min-separation",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Peaks closer than this (pixels) are one source (default: smallest wavelet width).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **options: Any):
+    """Find the sources in a RESULT (.fits from `cwtflow run`, or a .zarr store) and write
+    them as a FITS or ECSV catalog (and DS9 regions)."""
+    import warnings
+
+    from .catalog import _format_of, find_sources, write_catalog, write_regions
+    from .history import open_history
+
+    if _format_of(out, None) == "ds9":
+        raise click.UsageError("--out takes a .fits, .fits.gz or .ecsv catalog; use --regions")
+    check_output(out, overwrite=options["overwrite"], hint="--overwrite")
+    if regions is not None:
+        check_output(regions, overwrite=options["overwrite"], hint="--overwrite")
+    exposure = None
+    if result.name.lower().endswith(".zarr"):
+        history = open_history(result)
+        state = history.final
+        exposure = history.inputs["exposure"] if "exposure" in history.inputs else None
+    else:
+        state = read_state(result)
+    if maps is not None:
+        data = read_maps(maps)
+        if "exposure" not in data:
+            raise InputError(f"{maps} has no EXPOSURE HDU")
+        exposure = data["exposure"]
+    psf = options["psf_sigma"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        table = find_sources(
+            state,
+            exposure=exposure,
+            min_significance=options["min_significance"],
+            deblend=options["deblend"],
+            contrast=options["contrast"],
+            min_separation=options["min_separation"],
+            psf_sigma=None if psf is None else psf * u.deg,
+        )
+    for warning in caught:
+        click.echo(f"cwtflow: warning: {_one_line(str(warning.message))}", err=True)
+    write_catalog(table, out, overwrite=options["overwrite"])
+    click.echo(f"wrote {out} ({len(table)} sources)")
+    if regions is not None:
+        write_regions(table, regions, overwrite=options["overwrite"])
+        click.echo(f"wrote {regions}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -250,14 +250,19 @@ def assert_same_catalog(got, expected):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-9, atol=1e-9, err_msg=name)
 
 
-def test_a_stored_run_gives_the_in_memory_catalog(tmp_path, three_sources):
-    data, result = three_sources
-    stored = cwtflow.CWT(KERNELS, significance_threshold=3.0).analyze(
-        data, store=tmp_path / "run.zarr"
-    )
-    assert_same_catalog(
-        find_sources(cwtflow.read_result(tmp_path / "run.zarr")), find_sources(result)
-    )
+@pytest.fixture(scope="module")
+def stored_run(tmp_path_factory, three_sources):
+    """The three-source run, written to a zarr history store."""
+    data, _ = three_sources
+    store = tmp_path_factory.mktemp("stored") / "run.zarr"
+    state = cwtflow.CWT(KERNELS, significance_threshold=3.0).analyze(data, store=store)
+    return store, state
+
+
+def test_a_stored_run_gives_the_in_memory_catalog(three_sources, stored_run):
+    _, result = three_sources
+    store, stored = stored_run
+    assert_same_catalog(find_sources(cwtflow.read_result(store)), find_sources(result))
     assert_same_catalog(find_sources(stored), find_sources(result))
 
 
@@ -378,3 +383,74 @@ def test_output_errors(tmp_path, three_sources):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         write_catalog(table, tmp_path / "quiet.fits")  # no header-card warnings
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from cwtflow.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_catalog_from_fits_and_zarr_results(tmp_path, three_sources, stored_run):
+    data, result = three_sources
+    maps = cwtflow.write_maps(data, tmp_path / "maps.fits")
+    state = cwtflow.write_state(result, tmp_path / "result.fits")
+    out, reg = tmp_path / "sources.fits", tmp_path / "sources.reg"
+    run = invoke("catalog", state, "--out", out, "--regions", reg, "--maps", maps)
+    assert run.exit_code == 0, run.output
+    assert run.stdout.splitlines() == [f"wrote {out} (3 sources)", f"wrote {reg}"]
+    expected = find_sources(result, exposure=data["exposure"])
+    got = read_catalog(out)
+    for name in expected.colnames:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, err_msg=name)
+    assert len(Regions.read(str(reg), format="ds9")) == 3
+    # a zarr store carries its exposure; options reach find_sources
+    store, _ = stored_run
+    ecsv = tmp_path / "sources.ecsv"
+    run = invoke("catalog", store, "-o", ecsv, "--psf-sigma", "0.15", "--min-significance", "6")
+    assert run.exit_code == 0, run.output
+    expected = find_sources(result, exposure=data["exposure"], psf_sigma=1.5, min_significance=6)
+    got = read_catalog(ecsv)
+    assert len(got) == len(expected)
+    np.testing.assert_allclose(got["flux"], expected["flux"], rtol=1e-9)
+
+
+def test_cli_catalog_refusals_write_nothing(tmp_path, three_sources):
+    _, result = three_sources
+    state = cwtflow.write_state(result, tmp_path / "result.fits")
+    existing = tmp_path / "old.fits"
+    existing.write_bytes(b"keep")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (("catalog", state, "--out", existing), "exists"),
+        (("catalog", state, "--out", tmp_path / "a.reg"), "--regions"),
+        (("catalog", state, "--out", tmp_path / "a.txt"), "format"),
+        (("catalog", tmp_path / "missing.fits", "--out", tmp_path / "a.fits"), "missing.fits"),
+        (("catalog", state, "--out", tmp_path / "a.fits", "--maps", state), "EXPOSURE"),
+    ]
+    for args, word in cases:
+        run = invoke(*args)
+        assert run.exit_code != 0, run.output
+        lines = run.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cwtflow: error: "), run.stderr
+        assert word in lines[0], (word, lines[0])
+        assert "Traceback" not in run.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert existing.read_bytes() == b"keep"
+
+
+def test_cli_catalog_with_nothing_found_warns_and_writes_the_empty_catalog(tmp_path):
+    result = run(sky([], seed=2))
+    state = cwtflow.write_state(result, tmp_path / "result.fits")
+    out = tmp_path / "none.ecsv"
+    run_ = invoke("catalog", state, "--out", out, "--min-significance", "50")
+    assert run_.exit_code == 0, run_.output
+    assert run_.stderr.startswith("cwtflow: warning: no sources found")
+    assert run_.stdout.strip() == f"wrote {out} (0 sources)"
+    assert read_catalog(out).colnames == list(CATALOG_COLUMNS)
