@@ -231,8 +231,11 @@ class TiledStep:
         )
         cube_chunks = ((n,), *self.work_chunks)
         previous_support = da.asarray(state["support"].data).rechunk(cube_chunks)
+        # constant images pass through as they came (no rechunk round trip)
+        unchanged = {name: da.asarray(state[name].data) for name in ("counts", "background")}
         if self._approx_bkg_known:
-            approx_bkg = self._image(state["approx_bkg"].data)
+            unchanged["approx_bkg"] = da.asarray(state["approx_bkg"].data)
+            approx_bkg = None
         else:
             approx_bkg = self._overlapped(_tile_approx, background, planes=None)
             self._approx_bkg_known = True
@@ -267,15 +270,10 @@ class TiledStep:
             "residual_variance": residual.var(),
             "support_size": support.any(axis=0).sum(),
         }
-        images = {
-            "counts": counts,
-            "background": background,
-            "model": new_model,
-            "approx": new_approx,
-            "approx_bkg": approx_bkg,
-            "transform_2d": transform_2d,
-        }
+        images = {"model": new_model, "approx": new_approx, "transform_2d": transform_2d}
+        if approx_bkg is not None:
+            images["approx_bkg"] = approx_bkg
         cubes = {"transform_3d": transform, "error": error, "support": support}
-        arrays = {name: a.rechunk(self.chunks) for name, a in images.items()}
+        arrays = {name: a.rechunk(self.chunks) for name, a in (unchanged | images).items()}
         arrays |= {name: a.rechunk(((n,), *self.chunks)) for name, a in cubes.items()}
         return new_state(state, arrays, self.kernels), stats
