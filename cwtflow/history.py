@@ -45,7 +45,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from astropy.table import Table
-from astropy.wcs import WCSCOMPARE_ANCILLARY
+from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY
 
 from .analysis import difference as _difference
 from .analysis import images as _images
@@ -302,7 +302,9 @@ class ZarrSink:
     ) -> None:
         if resume and overwrite:
             raise InputError("resume and overwrite exclude each other")
-        self.path = Path(store)
+        if "://" in str(store):
+            raise StoreError(f"{store}: only local directory stores are supported")
+        self.path = Path(store).expanduser()
         self.cwt = cwt
         self.data = data
         self.resume = bool(resume)
@@ -546,7 +548,7 @@ class ZarrSink:
             if k not in complete or (complete and k > complete[-1]):
                 _delete_group(path, _group_name(k))
         if not complete:
-            self._write_group(0, initial_from_inputs(self._inputs_ds(), self.cwt.kernels), {})
+            self._write_group(0, _initial_from_inputs(self._inputs_ds(), self.cwt.kernels), {})
             self._mark(0, {"iteration": 0, "table": []})
             complete = [0]
         last = complete[-1]
@@ -639,7 +641,7 @@ def _state(inputs: xr.Dataset, group: xr.Dataset) -> xr.Dataset:
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def initial_from_inputs(inputs: xr.Dataset, kernels: CWTKernels) -> xr.Dataset:
+def _initial_from_inputs(inputs: xr.Dataset, kernels: CWTKernels) -> xr.Dataset:
     """The initial state built from a stored ``inputs`` group (lazy zeros)."""
     from .state import initial_state
 
@@ -710,7 +712,7 @@ class History:
     def __len__(self) -> int:
         return len(self.iterations)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self.iterations)
 
     def __getitem__(self, k: int) -> xr.Dataset:
@@ -733,7 +735,7 @@ class History:
         return str(self.attrs["status"])
 
     @property
-    def wcs(self):
+    def wcs(self) -> WCS:
         """The maps' celestial WCS (astropy)."""
         return wcs_from_attrs(self.attrs)
 
@@ -816,7 +818,7 @@ def open_history(path: str | os.PathLike[str]) -> History:
     StoreError
         Not a cwtflow store, unsupported format version, corrupted metadata or missing arrays.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise StoreError(f"{path} is not a zarr store directory")
     return History(path)
