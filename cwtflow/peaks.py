@@ -25,6 +25,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = [
     "IslandSources",
@@ -355,30 +356,33 @@ def _position_variance(
 PSF_WINDOW = 4.0
 
 
-def _source_likelihood(
-    region: np.ndarray,
-    own: np.ndarray,
+def _model_likelihood(
     counts: np.ndarray,
     null: np.ndarray,
-    others: np.ndarray,
-    centre: tuple[float, float],
-    psf_sigma: float | None,
+    template: np.ndarray,
+    grad_x: np.ndarray,
+    grad_y: np.ndarray,
 ) -> tuple[float, float, float, float]:
-    """Significance, fitted counts and Cramér-Rao position variances (x, y) of one source.
+    """Significance, fitted counts and Cramér-Rao position variances (x, y) of a source with
+    the shape ``template`` (the region's pixels, flattened; ``grad_*`` are the gradients of the
+    whole model there: the region's edge is not an edge of the source)."""
+    sig, amplitude = template_significance(counts, null, template)
+    x_var, y_var = _position_variance(amplitude, template, null, grad_x, grad_y)
+    return sig, amplitude * float(template.sum()), x_var, y_var
 
-    Without ``psf_sigma`` the template is the source's own model ``own`` (zero outside its
-    region) and only the region's pixels count. With it, the template is a unit-integral
-    Gaussian of ``psf_sigma`` at ``centre`` (x, y) over a window of `PSF_WINDOW` sigmas, and
-    the model of every other source (``others``) is added to the null background there.
-    """
-    if psf_sigma is None:
-        # gradients of the whole model: the region's edge is not an edge of the source
-        full = own + others
-        grad_y, grad_x = np.gradient(full) if min(full.shape) > 1 else (full * 0, full * 0)
-        template, b = own[region], null[region]
-        sig, amplitude = template_significance(counts[region], b, template)
-        x_var, y_var = _position_variance(amplitude, template, b, grad_x[region], grad_y[region])
-        return sig, amplitude * float(template.sum()), x_var, y_var
+
+def _point_likelihood(
+    counts: np.ndarray,
+    null: np.ndarray,
+    positive: np.ndarray,
+    labels: np.ndarray,
+    component: int,
+    centre: tuple[float, float],
+    psf_sigma: float,
+) -> tuple[float, float, float, float]:
+    """As `_model_likelihood` for a point source: a unit-integral Gaussian of ``psf_sigma`` at
+    ``centre`` (x, y) over a window of `PSF_WINDOW` sigmas of the cut-out, with the model of
+    every other source (``positive`` outside ``labels == component``) added to the null."""
     cx, cy = centre
     ny, nx = counts.shape
     half = PSF_WINDOW * psf_sigma
@@ -389,7 +393,7 @@ def _source_likelihood(
     s2 = psf_sigma * psf_sigma
     template = np.exp(-(dx * dx + dy * dy) / (2 * s2)) / (2 * math.pi * s2)
     box = (slice(y0, y1), slice(x0, x1))
-    b = null[box] + others[box]
+    b = null[box] + np.where(labels[box] == component, 0.0, positive[box])
     sig, amplitude = template_significance(counts[box].ravel(), b.ravel(), template.ravel())
     grad_x = -template * dx / s2 * np.ones_like(dy)
     grad_y = -template * dy / s2 * np.ones_like(dx)
@@ -457,56 +461,80 @@ def island_sources(
     labels = _components(
         mask, model, deblend=deblend, contrast=contrast, min_separation=min_separation
     )
-    n_comp = int(labels.max()) + 1
     rows: dict[str, list] = {name: [] for name in IslandSources._fields if name != "labels"}
     keep_labels = np.full(labels.shape, -1, dtype=np.int64)
-    ys, xs = np.indices(mask.shape, dtype=np.float64)
     positive = np.maximum(model, 0.0)
     null = np.maximum(background + approx, 0.0) if approx_in_null else np.maximum(background, 0.0)
-    for c in range(n_comp):
-        region = labels == c
-        peak = np.unravel_index(int(np.argmax(np.where(region, model, -np.inf))), region.shape)
-        own = np.where(region, positive, 0.0)
-        weight = own[region]
+    if psf_sigma is None:
+        # gradients of the whole model: the region's edge is not an edge of the source
+        if min(model.shape) > 1:
+            grad_y, grad_x = np.gradient(positive)
+        else:
+            grad_y = grad_x = np.zeros_like(positive)
+    # each component is handled on its own bounding box
+    for c, box in enumerate(ndimage.find_objects(labels + 1)):
+        region = labels[box] == c
+        oy, ox = box[0].start, box[1].start
+        sub_model = model[box]
+        peak = np.unravel_index(int(np.argmax(np.where(region, sub_model, -np.inf))), region.shape)
+        qy, qx = np.nonzero(region)
+        weight = positive[box][region]
         total = float(weight.sum())
         if total > 0:
-            cx = float((weight * xs[region]).sum() / total)
-            cy = float((weight * ys[region]).sum() / total)
-            dx, dy = xs[region] - cx, ys[region] - cy
+            cx = float((weight * qx).sum() / total)
+            cy = float((weight * qy).sum() / total)
+            dx, dy = qx - cx, qy - cy
             mxx = float((weight * dx * dx).sum() / total)
             myy = float((weight * dy * dy).sum() / total)
             mxy = float((weight * dx * dy).sum() / total)
         else:
             cx, cy = float(peak[1]), float(peak[0])
             mxx = myy = mxy = 0.0
-        significance, source_counts, x_var, y_var = _source_likelihood(
-            region, own, counts, null, positive - own, (cx, cy), psf_sigma
-        )
+        cx, cy = cx + ox, cy + oy
+        if psf_sigma is None:
+            significance, source_counts, x_var, y_var = _model_likelihood(
+                counts[box][region],
+                null[box][region],
+                weight,
+                grad_x[box][region],
+                grad_y[box][region],
+            )
+        else:
+            significance, source_counts, x_var, y_var = _point_likelihood(
+                counts, null, positive, labels, c, (cx, cy), psf_sigma
+            )
         if not significance >= min_significance:
             continue
-        sig, scale = peak_significance(transform, error, model, region, peak, wavelets)
+        sig, scale = peak_significance(
+            transform[(slice(None), *box)],
+            error[(slice(None), *box)],
+            sub_model,
+            region,
+            peak,
+            wavelets,
+        )
         if exposure is not None and total > 0:
-            mean_exposure = float((weight * exposure[region]).sum() / total)
+            mean_exposure = float((weight * exposure[box][region]).sum() / total)
         else:
             mean_exposure = np.nan
-        keep_labels[region] = len(rows["x"])
+        keep_labels[box][region] = len(rows["x"])
         values = {
             "x": cx,
             "y": cy,
             "x_var": x_var,
             "y_var": y_var,
-            "peak_x": int(peak[1]),
-            "peak_y": int(peak[0]),
+            "peak_x": int(peak[1]) + ox,
+            "peak_y": int(peak[0]) + oy,
             "peak_significance": sig,
             "peak_scale": scale,
             "moment_xx": mxx,
             "moment_yy": myy,
             "moment_xy": mxy,
-            "npix": int(region.sum()),
-            "model_counts": float(model[region].sum()),
+            "npix": int(qy.size),
+            "model_counts": float(sub_model[region].sum()),
             "source_counts": source_counts,
-            "counts": float(counts[region].sum()),
-            "background": float(null[region].sum()),
+            "counts": float(counts[box][region].sum()),
+            "background": float(null[box][region].sum()),
             "significance": significance,
             "mean_exposure": mean_exposure,
         }
