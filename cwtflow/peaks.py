@@ -16,7 +16,10 @@ Deblending is a watershed on the model image done as a persistence merge:
    into the other when its peak rises less than ``contrast`` times its height above the saddle
    (a shoulder, not a separate source) or when the two peaks are closer than ``min_separation``.
 
-What remains are the deblended components; each is then measured on its own pixels.
+What remains are the deblended components; each is then measured on its own pixels: model
+moments and centroid, a Poisson likelihood-ratio test of a source (the component's model shape,
+or a Gaussian PSF) over the null background (`template_significance`), the Cramér-Rao position
+error of that fit, and the wavelet significance at the model peak (`peak_significance`).
 """
 
 from __future__ import annotations
