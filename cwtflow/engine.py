@@ -257,7 +257,9 @@ class CWT:
         in_memory = isinstance(data, xr.Dataset) and not _is_lazy(data)
         if chunks is None and in_memory:
             chunks = CLUSTER_TILE
-        with dask.config.set(scheduler=client):
+        # the client itself stays out of dask's config: a LocalCluster's nannies copy the config
+        # into every worker process they (re)start, and a Client cannot be pickled
+        with client.as_current(), dask.config.set(scheduler="dask.distributed"):
             state = self.analyze(data, chunks=chunks, store=store, **kwargs)
             if in_memory and store is None:
                 state = state.compute()
