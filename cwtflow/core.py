@@ -39,6 +39,16 @@ __all__ = [
 # 4-connectivity (scipy.ndimage.label's default cross structure).
 CROSS = ndimage.generate_binary_structure(2, 1)
 
+# Elementwise steps run over blocks of rows of about this many pixels (256 KiB of float64), so
+# that the temporaries of a chain of operations stay in cache instead of streaming through
+# memory once per operation.
+BLOCK_PIXELS = 32768
+
+
+def _row_blocks(ny: int, nx: int) -> list[slice]:
+    rows = max(1, BLOCK_PIXELS // max(nx, 1))
+    return [slice(r, min(r + rows, ny)) for r in range(0, ny, rows)]
+
 
 class KernelSpectra(NamedTuple):
     """Real-FFT spectra of the kernels on one grid.
@@ -89,24 +99,17 @@ def kernel_spectra(kernels: CWTKernels, shape: tuple[int, int]) -> KernelSpectra
     return KernelSpectra(shape, wavelet, wavelet_sq, approx)
 
 
-def _forward(images: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
-    """``rfft2(images, s=shape)`` of a (k, ny, nx) stack, pruned: the row pass transforms only
-    the ``ny`` image rows (the padding rows are zero), then the column pass runs in place on a
-    zero-padded buffer. The passes of ``rfft2``, in the same order; padding is done here because
-    scipy's own (``n=``) is several times slower than the transform."""
-    k, ny, nx = images.shape
-    if nx == shape[1]:
-        padded = images
-    else:
-        padded = np.zeros((k, ny, shape[1]))
-        padded[..., :nx] = images
-    rows = scipy.fft.rfft(padded, axis=-1, workers=workers)
-    if ny == shape[0]:
-        columns = rows
-    else:
-        columns = np.zeros((k, shape[0], rows.shape[-1]), dtype=rows.dtype)
-        columns[:, :ny] = rows
-    return scipy.fft.fft(columns, axis=-2, overwrite_x=True, workers=workers)
+def _forward(padded: np.ndarray, workers: int) -> np.ndarray:
+    """``rfft2`` of a (k, P0, P1) stack of images already zero-padded to the FFT grid (faster
+    than letting scipy pad, and than pruning the zero rows by hand). ``padded`` is consumed."""
+    return scipy.fft.rfft2(padded, workers=workers, overwrite_x=True)
+
+
+def _padded(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A (k, P0, P1) zero buffer holding the (k, ny, nx) ``images`` in its first rows/columns."""
+    out = np.zeros((images.shape[0], *shape))
+    out[:, : images.shape[1], : images.shape[2]] = images
+    return out
 
 
 def _inverse(
@@ -125,7 +128,7 @@ def _inverse(
 
 def image_spectra(*images: np.ndarray, shape: tuple[int, int], workers: int = 1) -> np.ndarray:
     """Stacked real-FFT spectra of ``images`` zero-padded to ``shape``."""
-    return _forward(np.stack(images), shape, workers)
+    return _forward(_padded(np.stack(images), shape), workers)
 
 
 def convolve_step(
@@ -167,18 +170,20 @@ def convolve_step(
     ny, nx = counts.shape
     shape = spectra.shape
     n_scale = spectra.wavelet.shape[0]
-    # total = M + B + A and C - M - B, written straight into the stack to transform
-    padded = np.zeros((2 if const_spectra is not None else 3, ny, shape[1]))
-    images = padded[..., :nx]
-    np.add(model, background, out=images[0])
-    images[0] += approx
-    np.subtract(counts, model, out=images[1])
-    images[1] -= background
+    # total = M + B + A and C - M - B, written straight into the zero-padded stack to transform
+    padded = np.zeros((2 if const_spectra is not None else 3, *shape))
+    for r in _row_blocks(ny, nx):
+        total, cmb = padded[0, r, :nx], padded[1, r, :nx]
+        np.add(model[r], background[r], out=total)
+        total += approx[r]
+        np.subtract(counts[r], model[r], out=cmb)
+        cmb -= background[r]
+        if const_spectra is None:
+            np.subtract(counts[r], total, out=padded[2, r, :nx])
     if const_spectra is None:
-        np.subtract(counts, images[0], out=images[2])
-        f_total, f_cmb, f_excess = _forward(padded, shape, workers)
+        f_total, f_cmb, f_excess = _forward(padded, workers)
     else:
-        f_total, f_cmb = _forward(padded, shape, workers)
+        f_total, f_cmb = _forward(padded, workers)
         f_excess = None
     products = np.empty((2 * n_scale + 1, *f_total.shape), dtype=f_total.dtype)
     # excess spectrum in place in the first product plane, then each scale's product from it
@@ -212,18 +217,44 @@ def significance(transform: np.ndarray, error_sq: np.ndarray) -> tuple[np.ndarra
     return error, _ratio(transform, error)
 
 
-def _error_inplace(error_sq: np.ndarray) -> np.ndarray:
-    """`significance`'s error, computed in the caller's (disposable) ``error_sq`` buffer."""
-    np.maximum(error_sq, 0.0, out=error_sq)
-    return np.sqrt(error_sq, out=error_sq)
-
-
 def _ratio(transform: np.ndarray, error: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``transform / error``, 0 where ``error == 0`` (``error >= 0``)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.divide(transform, error, out=out)
     np.copyto(out, 0.0, where=error == 0)
     return out
+
+
+def _error_and_mask(
+    transform: np.ndarray,
+    error_sq: np.ndarray,
+    threshold: float,
+    *,
+    sig: np.ndarray | None = None,
+) -> np.ndarray:
+    """One scale of `significance` and the threshold, row block by row block.
+
+    ``error_sq`` (ny, nx) is turned into the error in place; returns ``sig > threshold`` with
+    ``sig`` as `significance` defines it, which is also stored in ``sig`` when given.
+    """
+    ny, nx = transform.shape
+    mask = np.empty((ny, nx), dtype=bool)
+    blocks = _row_blocks(ny, nx)
+    rows = blocks[0].stop
+    scratch = np.empty((rows, nx)) if sig is None else None
+    zero = np.empty((rows, nx), dtype=bool)
+    for r in blocks:
+        n = r.stop - r.start
+        error = error_sq[r]
+        np.maximum(error, 0.0, out=error)
+        np.sqrt(error, out=error)
+        ratio = scratch[:n] if sig is None else sig[r]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(transform[r], error, out=ratio)
+        np.equal(error, 0.0, out=zero[:n])
+        np.copyto(ratio, 0.0, where=zero[:n])
+        np.greater(ratio, threshold, out=mask[r])
+    return mask
 
 
 def component_keep(
@@ -287,7 +318,24 @@ def clean_support(
 
     One labelling pass and one pass over the labelled pixels, whatever the number of components.
     """
-    mask = sig > threshold
+    return _clean_mask(
+        sig > threshold,
+        sig,
+        remove_isolated=remove_isolated,
+        island_threshold=island_threshold,
+        wrap_x=wrap_x,
+    )
+
+
+def _clean_mask(
+    mask: np.ndarray,
+    sig: np.ndarray | None,
+    *,
+    remove_isolated: bool,
+    island_threshold: float | None,
+    wrap_x: bool,
+) -> np.ndarray:
+    """`clean_support` from the thresholded ``mask`` (``sig`` is needed for the island rule)."""
     if not remove_isolated and island_threshold is None:
         return mask
     if island_threshold is None:
@@ -312,9 +360,9 @@ def update_model(
     model: np.ndarray, support: np.ndarray, transform: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``T2 = sum_i S_i * T_i`` and ``M + max(T2, 0)`` (spec step 6)."""
-    transform_2d = np.zeros(model.shape)
-    for i in range(transform.shape[0]):
-        np.add(transform_2d, transform[i], out=transform_2d, where=support[i])
+    transform_2d = np.where(support[0], transform[0], 0.0)
+    for i in range(1, transform.shape[0]):
+        transform_2d += np.where(support[i], transform[i], 0.0)
     new_model = np.maximum(transform_2d, 0.0)
     new_model += model
     return transform_2d, new_model

@@ -337,12 +337,21 @@ class _InMemoryStep:
             workers=cwt.fft_workers,
         )
         # the planes returned are fresh views of one buffer: E goes in place of E**2
-        error = core._error_inplace(error_sq)
+        island = cwt.significance_island_threshold
+        sig = np.empty(model.shape) if island is not None else None
         support = state["support"].values.copy()
-        sig = np.empty(model.shape)
         for i in range(transform.shape[0]):
-            core._ratio(transform[i], error[i], out=sig)
-            support[i] |= cwt._keep_mask(sig, self.wrap)
+            mask = core._error_and_mask(
+                transform[i], error_sq[i], cwt.significance_threshold, sig=sig
+            )
+            support[i] |= core._clean_mask(
+                mask,
+                sig,
+                remove_isolated=cwt.remove_isolated,
+                island_threshold=island,
+                wrap_x=self.wrap,
+            )
+        error = error_sq
         transform_2d, model = core.update_model(model, support, transform)
         stats = {
             "residual_variance": _residual_variance(self.counts, model, approx),
@@ -364,10 +373,15 @@ class _InMemoryStep:
 
 def _residual_variance(counts: np.ndarray, model: np.ndarray, approx: np.ndarray) -> float:
     """``var(C - (M + A))`` as ``numpy.var`` computes it, in one scratch image."""
-    residual = np.add(model, approx)
-    np.subtract(counts, residual, out=residual)
-    residual -= residual.mean()
-    np.multiply(residual, residual, out=residual)
+    residual = np.empty(counts.shape)
+    blocks = core._row_blocks(*counts.shape)
+    for r in blocks:
+        np.add(model[r], approx[r], out=residual[r])
+        np.subtract(counts[r], residual[r], out=residual[r])
+    mean = residual.mean()
+    for r in blocks:
+        residual[r] -= mean
+        np.multiply(residual[r], residual[r], out=residual[r])
     return float(residual.mean())
 
 
