@@ -506,3 +506,27 @@ def test_tiled_run_through_store(tmp_path, maps, reference, monkeypatch):
     resumed = make_cwt(max_iter=5).analyze(maps, store=path, resume=True)
     expected = make_cwt(max_iter=5).analyze(maps)
     assert_same_state(resumed, expected, rtol=1e-10)
+
+
+def test_cli_run_into_store(tmp_path, maps, reference):
+    """``cwtflow run --out run.zarr --chunks NY NX`` writes the tiled history store; --resume
+    needs a .zarr output."""
+    from click.testing import CliRunner
+
+    from cwtflow.cli import cli
+    from cwtflow.io import write_maps
+
+    maps_file = write_maps(maps, tmp_path / "maps.fits")
+    store = tmp_path / "run.zarr"
+    args = ["run", str(maps_file), "--n-scale", "2", "--min-scale", "2", "--step-scale", "2"]
+    args += ["--max-iter", "4", "--tol", "0", "-q"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(store), "--chunks", "16", "20"])
+    assert result.exit_code == 0, result.output
+    assert zarr.open_group(str(store), mode="r").attrs["chunks"] == [16, 20]
+    assert_same_state(read_result(store), reference[0], rtol=1e-10)
+    refused = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "r.fits"), "--resume"])
+    assert refused.exit_code == 2
+    assert refused.stderr.strip() == (
+        "cwtflow: error: --resume needs a zarr store output (--out run.zarr)"
+    )
+    assert not (tmp_path / "r.fits").exists()
