@@ -19,17 +19,17 @@ How components are joined across tiles (the graph is linear in the number of til
 4. a blockwise lookup maps the result back onto each block (final labels, or kept pixels).
 
 The number of components is unknown while the graph is built; it only exists inside the task of
-step 3 (a `dask.delayed` value), and step 4 receives it as such.
+step 3, whose result is a 0-d dask array of object dtype that step 4 takes as a (broadcast)
+argument. Everything stays one array graph (no `dask.delayed` wrapping an array), so a
+computation that asks for labels, statistics and cleaned masks together labels each tile once.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -128,8 +128,18 @@ def _touching(
     return a[both].astype(np.intp) + offset_a, b[both].astype(np.intp) + offset_b
 
 
-def _join(reports: np.ndarray, wrap_x: bool) -> _Joined:
-    """Number block labels globally and join those touching across tile borders (one task)."""
+def _wrapped(value: object) -> np.ndarray:
+    """``value`` as a 0-d object array (the block of a 0-d dask array)."""
+    out = np.empty((), dtype=object)
+    out[()] = value
+    return out
+
+
+def _join(reports: np.ndarray, *, wrap_x: bool) -> np.ndarray:
+    """Number block labels globally and join those touching across tile borders (one task).
+
+    ``reports`` is the object array of every block's `_Report`; returns a 0-d `_Joined`.
+    """
     grid = reports.reshape(reports.shape[-2:])
     nby, nbx = grid.shape
     counts = np.array([grid[idx].n for idx in np.ndindex(grid.shape)], dtype=np.intp)
@@ -166,13 +176,13 @@ def _join(reports: np.ndarray, wrap_x: bool) -> _Joined:
     np.add.at(sizes, mapping[1:], np.concatenate([r.sizes[1:] for r in blocks]))
     maxima = np.full(n_final + 1, -np.inf)
     np.maximum.at(maxima, mapping[1:], np.concatenate([r.maxima[1:] for r in blocks]))
-    return _Joined(offsets, mapping, sizes, maxima)
+    return _wrapped(_Joined(offsets, mapping, sizes, maxima))
 
 
 def _components(
     mask: da.Array, values: da.Array | None, *, wrap_x: bool
-) -> tuple[da.Array, Delayed]:
-    """Block-local labels and the delayed `_Joined` of ``mask`` (see the module docstring)."""
+) -> tuple[da.Array, da.Array]:
+    """Block-local labels and the 0-d `_Joined` of ``mask`` (see the module docstring)."""
     local = da.map_blocks(
         _label_block, mask, dtype=np.int32, meta=np.empty((0,) * mask.ndim, dtype=np.int32)
     )
@@ -184,7 +194,17 @@ def _components(
         dtype=object,
         meta=np.empty((0,) * mask.ndim, dtype=object),
     )
-    joined = dask.delayed(_join, pure=True)(reports, bool(wrap_x))
+    index = "syx"[-mask.ndim :]
+    joined = da.blockwise(
+        _join,
+        "",
+        reports,
+        index,
+        concatenate=True,
+        wrap_x=bool(wrap_x),
+        dtype=object,
+        meta=np.empty((), dtype=object),
+    )
     return local, joined
 
 
@@ -194,16 +214,21 @@ def _block_index(block_id: tuple[int, ...], n_bx: int) -> int:
 
 
 def _relabel_block(
-    local: np.ndarray, joined: _Joined, *, n_bx: int, block_id: tuple[int, ...]
+    local: np.ndarray, joined: np.ndarray, *, n_bx: int, block_id: tuple[int, ...]
 ) -> np.ndarray:
+    joined = joined[()]
     b = _block_index(block_id, n_bx)
     start, stop = joined.offsets[b], joined.offsets[b + 1]
     table = np.concatenate([[0], joined.mapping[start + 1 : stop + 1]])
     return table[local]
 
 
-def _stats(joined: _Joined) -> tuple[np.ndarray, np.ndarray]:
-    return joined.sizes, joined.maxima
+def _sizes(joined: np.ndarray) -> np.ndarray:
+    return joined[()].sizes
+
+
+def _maxima(joined: np.ndarray) -> np.ndarray:
+    return joined[()].maxima
 
 
 def label_components(
@@ -211,7 +236,7 @@ def label_components(
     values: da.Array | np.ndarray | None = None,
     *,
     wrap_x: bool = False,
-) -> tuple[da.Array, Delayed]:
+) -> tuple[da.Array, da.Array, da.Array]:
     """Connected components of a boolean image or cube across tile borders, with statistics.
 
     Parameters
@@ -228,10 +253,10 @@ def label_components(
     labels : dask.array.Array of intp, same shape and chunks as ``mask``
         0 outside ``mask``; each component (4-connected within a ``(y, x)`` plane) has one label,
         unique over the whole array, consecutive from 1 (not in `scipy.ndimage.label`'s order).
-    stats : dask.delayed.Delayed
-        Computes to ``(sizes, maxima)``, vectors indexed by label (entry 0, the background, is
-        ``(0, -inf)``): pixel count (int64) and maximum of ``values`` (float64; ``-inf``
-        without ``values``).
+    sizes, maxima : dask.array.Array, shape (n_components + 1,) (unknown until computed)
+        Indexed by label (entry 0, the background, is 0 and ``-inf``): pixel count (int64) and
+        maximum of ``values`` (float64; ``-inf`` without ``values``). Compute them together
+        with ``labels`` to label each tile once.
     """
     mask = _as_mask(mask)
     if values is not None:
@@ -247,30 +272,42 @@ def label_components(
         dtype=np.intp,
         meta=np.empty((0,) * mask.ndim, dtype=np.intp),
     )
-    return labels, dask.delayed(_stats, pure=True)(joined)
+    vectors = [
+        da.map_blocks(
+            func,
+            joined,
+            new_axis=0,
+            chunks=((np.nan,),),
+            dtype=dtype,
+            meta=np.empty((0,), dtype=dtype),
+        )
+        for func, dtype in ((_sizes, np.int64), (_maxima, np.float64))
+    ]
+    return labels, vectors[0], vectors[1]
 
 
 def _keep_table(
-    joined: _Joined, remove_isolated: bool, island_threshold: float | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Block offsets and, per global block label, whether its component survives."""
+    joined: np.ndarray, *, remove_isolated: bool, island_threshold: float | None
+) -> np.ndarray:
+    """0-d (block offsets, per global block label whether its component survives)."""
+    joined = joined[()]
     keep = core.component_keep(
         joined.sizes,
         joined.maxima,
         remove_isolated=remove_isolated,
         island_threshold=island_threshold,
     )
-    return joined.offsets, keep[joined.mapping]
+    return _wrapped((joined.offsets, keep[joined.mapping]))
 
 
 def _keep_block(
     local: np.ndarray,
-    table: tuple[np.ndarray, np.ndarray],
+    table: np.ndarray,
     *,
     n_bx: int,
     block_id: tuple[int, ...],
 ) -> np.ndarray:
-    offsets, keep = table
+    offsets, keep = table[()]
     b = _block_index(block_id, n_bx)
     start, stop = offsets[b], offsets[b + 1]
     return np.concatenate([[False], keep[start + 1 : stop + 1]])[local]
@@ -361,7 +398,14 @@ def clean_support(
     if island_threshold is None:
         return drop_isolated(mask, wrap_x=wrap_x) if remove_isolated else mask
     local, joined = _components(mask, sig, wrap_x=wrap_x)
-    table = dask.delayed(_keep_table, pure=True)(joined, remove_isolated, island_threshold)
+    table = da.map_blocks(
+        _keep_table,
+        joined,
+        remove_isolated=remove_isolated,
+        island_threshold=island_threshold,
+        dtype=object,
+        meta=np.empty((), dtype=object),
+    )
     return da.map_blocks(
         _keep_block,
         local,

@@ -85,10 +85,11 @@ def test_labels_and_stats_match_brute_force(
 ) -> None:
     mask = random_mask(seed, (n_scale, ny, nx), density)
     values = np.random.default_rng(seed + 1).normal(size=mask.shape)
-    labels, stats = label_components(
-        chunked(mask, (cuts_y, cuts_x)), chunked(values, (cuts_y, cuts_x)), wrap_x=wrap_x
+    labels, sizes, maxima = dask.compute(
+        *label_components(
+            chunked(mask, (cuts_y, cuts_x)), chunked(values, (cuts_y, cuts_x)), wrap_x=wrap_x
+        )
     )
-    labels, (sizes, maxima) = dask.compute(labels, stats)
     expected = brute_labels(mask, wrap_x=wrap_x)
     assert_same_partition(labels, expected)
     n = int(expected.max())
@@ -102,8 +103,7 @@ def test_labels_and_stats_match_brute_force(
 
 def test_image_labels_and_stats_without_values() -> None:
     mask = random_mask(3, (20, 25), 0.5)
-    labels, stats = label_components(da.from_array(mask, chunks=(6, 7)))
-    labels, (sizes, maxima) = dask.compute(labels, stats)
+    labels, sizes, maxima = dask.compute(*label_components(da.from_array(mask, chunks=(6, 7))))
     assert_same_partition(labels, brute_labels(mask, wrap_x=False))
     assert sizes[0] == 0
     np.testing.assert_array_equal(sizes[1:], np.bincount(labels.ravel())[1:])
@@ -132,8 +132,7 @@ def test_component_crossing_many_tiles(n: int, chunk: int) -> None:
     mask = spiral(n)
     expected = brute_labels(mask, wrap_x=False)
     assert expected.max() == 1
-    labels, stats = label_components(da.from_array(mask, chunks=chunk))
-    labels, (sizes, _) = dask.compute(labels, stats)
+    labels, sizes, _ = dask.compute(*label_components(da.from_array(mask, chunks=chunk)))
     assert_same_partition(labels, expected)
     assert sizes[1:].tolist() == np.bincount(expected.ravel())[1:].tolist()
 
@@ -148,8 +147,9 @@ def test_periodic_seam(chunks: tuple[int, int]) -> None:
     mask[12, 0] = mask[12, -1] = True
     mask[15, 0] = True
     for wrap_x in (False, True):
-        labels, stats = label_components(da.from_array(mask, chunks=chunks), wrap_x=wrap_x)
-        labels, (sizes, _) = dask.compute(labels, stats)
+        labels, sizes, _ = dask.compute(
+            *label_components(da.from_array(mask, chunks=chunks), wrap_x=wrap_x)
+        )
         expected = brute_labels(mask, wrap_x=wrap_x)
         assert_same_partition(labels, expected)
         assert expected.max() == (4 if wrap_x else 6)
@@ -159,16 +159,16 @@ def test_periodic_seam(chunks: tuple[int, int]) -> None:
 
 def test_planes_never_join() -> None:
     mask = np.ones((3, 8, 9), dtype=bool)
-    labels, stats = label_components(da.from_array(mask, chunks=(1, 3, 4)))
-    labels, (sizes, _) = dask.compute(labels, stats)
+    labels, sizes, _ = dask.compute(*label_components(da.from_array(mask, chunks=(1, 3, 4))))
     assert [len(np.unique(plane)) for plane in labels] == [1, 1, 1]
     assert len(np.unique(labels)) == 3
     assert sizes[1:].tolist() == [72, 72, 72]
 
 
 def test_empty_mask() -> None:
-    labels, stats = label_components(da.zeros((2, 10, 12), dtype=bool, chunks=(1, 4, 5)))
-    labels, (sizes, maxima) = dask.compute(labels, stats)
+    labels, sizes, maxima = dask.compute(
+        *label_components(da.zeros((2, 10, 12), dtype=bool, chunks=(1, 4, 5)))
+    )
     assert not labels.any()
     assert sizes.tolist() == [0] and maxima.tolist() == [-np.inf]
 
@@ -271,9 +271,9 @@ def test_no_task_gathers_the_map_and_building_computes_nothing() -> None:
     counter = LargestResult()
     with counter:
         kept = clean_support(tiles, 1.0, remove_isolated=True, island_threshold=2.5)
-        labels, stats = label_components(tiles > 1.0, tiles)
+        labels, sizes, maxima = label_components(tiles > 1.0, tiles)
         assert counter.starts == 0
-        kept, labels, stats = dask.persist(kept, labels, stats)
+        kept, labels, sizes, maxima = dask.persist(kept, labels, sizes, maxima)
     assert counter.starts == 1
     joining = {k: v for k, v in counter.largest.items() if "join" in k or "finalize" in k}
     per_tile = {k: v for k, v in counter.largest.items() if k not in joining}
@@ -287,7 +287,7 @@ def test_no_task_gathers_the_map_and_building_computes_nothing() -> None:
     )
     np.testing.assert_array_equal(kept.compute(), expected)
     assert_same_partition(labels.compute(), brute_labels(sig > 1.0, wrap_x=False))
-    assert 5 < stats.compute()[0].size < 100
+    assert 5 < sizes.compute().size < 100
 
 
 def test_bad_input() -> None:
@@ -297,3 +297,19 @@ def test_bad_input() -> None:
         drop_isolated(da.zeros((4,), dtype=bool, chunks=2))
     with pytest.raises(InputError, match="shape"):
         label_components(da.zeros((4, 4), dtype=bool, chunks=2), da.zeros((4, 5), chunks=2))
+
+
+def test_each_tile_is_labelled_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    label = ndimage.label
+
+    def counting_label(*args, **kwargs):
+        calls.append(1)
+        return label(*args, **kwargs)
+
+    monkeypatch.setattr(ndimage, "label", counting_label)
+    sig = da.from_array(np.random.default_rng(2).normal(size=(2, 30, 40)), chunks=(2, 10, 8))
+    labels, sizes, maxima = label_components(sig > 1.0, sig)
+    kept = clean_support(sig, 1.0, remove_isolated=True, island_threshold=2.0)
+    dask.compute(labels, sizes, maxima, kept)
+    assert len(calls) == sig.numblocks[1] * sig.numblocks[2]

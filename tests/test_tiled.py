@@ -289,3 +289,21 @@ def test_no_task_gathers_the_map() -> None:
     # the widest per-tile result: the tile's interior planes T, E, significance (per scale), A
     assert max(per_tile.values()) <= (3 * KERNELS.n_scale + 1) * tile < image, per_tile
     assert max(joining.values()) <= image / 8, joining
+
+
+@pytest.mark.parametrize("island", [None, 4.0])
+def test_each_tile_is_convolved_once_per_iteration(island, monkeypatch) -> None:
+    calls = []
+    convolve_step = cwtflow.core.convolve_step
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return convolve_step(*args, **kwargs)
+
+    monkeypatch.setattr(cwtflow.core, "convolve_step", counting)
+    data = sky(7, (40, 56), [(20.0, 28.0)])
+    state = CWT(KERNELS, max_iter=2, tol=0, significance_island_threshold=island).analyze(
+        data, chunks=(20, 14)
+    )
+    assert state.attrs["iterations"] == 2
+    assert len(calls) == 2 * 2 * 4
