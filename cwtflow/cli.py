@@ -11,10 +11,11 @@ any work starts, so a refused run writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +345,24 @@ def _analyze(cwt: CWT, data: xr.Dataset, options: Mapping[str, Any]) -> xr.Datas
                 tqdm.write(_format_info(info), file=sys.stderr)
             bar.update(1)
 
-        return cwt.analyze(data, callback=report, **analyze_kwargs(options))
+        with _cluster(options, quiet=quiet) as client:
+            return cwt.analyze(data, callback=report, client=client, **analyze_kwargs(options))
+
+
+@contextlib.contextmanager
+def _cluster(options: Mapping[str, Any], *, quiet: bool) -> Iterator[Any]:
+    """The dask client of ``--scheduler`` / ``--workers`` (None without either: dask's threaded
+    scheduler in this process), with the cluster line and a task progress bar on stderr."""
+    from .cluster import TaskProgress, open_client
+
+    echo = None if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
+    scheduler, workers = options.get("scheduler"), options.get("workers")
+    with open_client(scheduler=scheduler, workers=workers, echo=echo) as client:
+        if client is None:
+            yield None
+            return
+        with TaskProgress(client, file=sys.stderr, disable=quiet):
+            yield client
 
 
 def _summary(state: xr.Dataset) -> str:
@@ -383,6 +401,19 @@ def cli() -> None:
     default=None,
     metavar="NY NX",
     help="Run tile by tile (dask) with tiles of NY x NX pixels.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS|FILE",
+    help="Run on the dask cluster whose scheduler is at ADDRESS (tcp://host:8786, tls://...) "
+    "or named in a scheduler FILE; tiled (1024 x 1024 unless --chunks).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run on a local dask cluster of this many worker processes bound to 127.0.0.1.",
 )
 @map_options
 @cwt_options

@@ -54,7 +54,7 @@ start() {
     echo $! >"$DIR/scheduler.pid"
     # the workers wait for the scheduler file themselves: start them at once
     dask worker --scheduler-file "$SCHEDULER_FILE" --host "$HOST" --nworkers "$n" \
-        --nthreads "$THREADS" --memory-limit "$MEMORY" --no-dashboard \
+        --nthreads "$THREADS" --memory-limit "$MEMORY" --dashboard-address "$HOST:0" \
         --death-timeout "$TIMEOUT" --local-directory "$DIR/workers" >"$DIR/workers.log" 2>&1 &
     echo $! >"$DIR/workers.pid"
     local waited=0
@@ -74,20 +74,21 @@ start() {
 }
 
 stop_pid() {  # SIGTERM the recorded process, SIGKILL it if it is still there after 20 s
-    local file="$1"
+    local file="$1" pid
     alive "$file" || { rm -f "$file"; return 0; }
-    local pid
     pid="$(cat "$file")"
     kill -TERM "$pid"
     for _ in $(seq 200); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid"
+    fi
     rm -f "$file"
 }
 
-stop() {
+stop() {  # workers first: they leave the scheduler cleanly
     stop_pid "$DIR/workers.pid"
     stop_pid "$DIR/scheduler.pid"
     rm -f "$SCHEDULER_FILE"

@@ -1,0 +1,509 @@
+"""Runs on a real distributed cluster: scheduler and worker processes on loopback.
+
+One `LocalCluster` of two single-threaded worker processes serves the module. Worker processes
+are killed with SIGKILL mid-iteration (the nanny restarts them, the scheduler reruns the lost
+tasks), the driver is killed mid-run and resumed against the same cluster, and the
+``cluster/local`` script is started, used and stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask
+import numpy as np
+import psutil
+import pytest
+import xarray as xr
+import yaml
+import zarr
+from distributed import Client, LocalCluster
+
+import cwtflow
+from cwtflow import CWT, CWTKernels, InputError
+from cwtflow.cluster import (
+    TaskProgress,
+    client_summary,
+    open_client,
+    progress,
+    start_local_cluster,
+    worker_pids,
+)
+from cwtflow.simulate import simulate_sky
+from cwtflow.state import STATE_VARS
+
+REPO = Path(__file__).parents[1]
+LOCAL_SCRIPT = REPO / "cluster" / "local" / "dask-local.sh"
+TLS_SCRIPT = REPO / "cluster" / "tls" / "make-certs.sh"
+TLS_CONFIG = REPO / "cluster" / "tls" / "dask-tls.yaml"
+CWTFLOW = [sys.executable, "-c", "from cwtflow.cli import main; main()"]
+KERNELS = CWTKernels(n_scale=2, min_scale=1.5, step_scale=2.0)  # halo 24 pixels
+
+
+def assert_states_equal(actual: xr.Dataset, expected: xr.Dataset) -> None:
+    """Every state variable equal to 1e-10 relative (of its largest value), support identical."""
+    for name in STATE_VARS:
+        a = np.asarray(actual[name].values)
+        e = np.asarray(expected[name].values)
+        if name == "support":
+            np.testing.assert_array_equal(a, e, err_msg=name)
+        else:
+            scale = max(float(np.abs(e).max()), 1e-300)
+            np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10 * scale, err_msg=name)
+
+
+def assert_gone(pid: int) -> None:
+    """The process ``pid`` ends within 30 s (or is a zombie waiting for its parent)."""
+    try:
+        process = psutil.Process(pid)
+        process.wait(timeout=30)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        assert process.status() == psutil.STATUS_ZOMBIE, f"process {pid} still running"
+
+
+def listening_hosts(pid: int) -> set[str]:
+    """Addresses the process ``pid`` listens on (TCP)."""
+    conns = psutil.Process(pid).net_connections("tcp")
+    return {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with start_local_cluster(2, threads_per_worker=1, memory_limit="2GiB", dashboard=False) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[Client]:
+    """A client of the module's cluster, with both workers up (a killed one is restarted)."""
+    with Client(cluster, set_as_default=False) as c:
+        c.wait_for_workers(2, timeout=60)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small_sky() -> xr.Dataset:
+    """128 x 160 pixels: tiles of 64 x 80 make 2 x 2 tiles (the graph of an iteration has a
+    few hundred tasks: enough to kill a worker in the middle, few enough to stay fast)."""
+    data, _ = simulate_sky((128, 160), n_sources=8, seed=3, psf_sigma=1.5, min_separation=8.0)
+    return data
+
+
+@pytest.fixture(scope="module")
+def small_expected(small_sky: xr.Dataset) -> xr.Dataset:
+    return CWT(KERNELS, max_iter=2, tol=0).analyze(small_sky)
+
+
+# --- client set-up ------------------------------------------------------------------------
+
+
+def test_local_cluster_binds_loopback(client: Client, cluster: LocalCluster) -> None:
+    assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    assert len(workers) == 2
+    assert all(address.startswith("tcp://127.0.0.1:") for address in workers)
+    # every socket the scheduler (this process) and the worker processes listen on
+    for pid in [os.getpid(), *worker_pids(client).values()]:
+        hosts = listening_hosts(pid)
+        assert hosts and hosts <= {"127.0.0.1"}, (pid, hosts)
+
+
+def test_open_client_connects_and_describes(cluster: LocalCluster) -> None:
+    lines: list[str] = []
+    with open_client(scheduler=cluster.scheduler_address, echo=lines.append) as c:
+        assert c is not None
+        assert c.scheduler.address == cluster.scheduler_address
+        assert c.submit(lambda x: x + 1, 41).result() == 42
+    assert len(lines) == 1
+    assert cluster.scheduler_address in lines[0] and "2 workers" in lines[0]
+    with open_client() as none:
+        assert none is None
+
+
+def test_open_client_with_scheduler_file(cluster: LocalCluster, tmp_path: Path) -> None:
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": cluster.scheduler_address}))
+    for kwargs in ({"scheduler_file": path}, {"scheduler": str(path)}):
+        with open_client(**kwargs) as c:
+            assert c.scheduler.address == cluster.scheduler_address
+
+
+def test_open_client_refuses_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="only one of"):
+        with open_client(scheduler="tcp://127.0.0.1:1", workers=2):
+            pass
+    with pytest.raises(InputError, match="positive integer"):
+        with open_client(workers=0):
+            pass
+    with pytest.raises(InputError, match="does not exist"):
+        with open_client(scheduler_file=tmp_path / "missing.json"):
+            pass
+    with pytest.raises(InputError, match=r"cannot connect to dask scheduler at tcp://127\.0\.0\.1"):
+        with open_client(scheduler="tcp://127.0.0.1:1", timeout=1):
+            pass
+
+
+def test_open_client_starts_and_stops_loopback_workers() -> None:
+    lines: list[str] = []
+    with open_client(workers=1, echo=lines.append) as c:
+        assert c.scheduler.address.startswith("tcp://127.0.0.1:")
+        (pid,) = worker_pids(c).values()
+        assert listening_hosts(pid) <= {"127.0.0.1"}
+    assert "1 worker," in lines[0]
+    assert_gone(pid)
+
+
+def test_task_progress_counts_cluster_tasks(client: Client) -> None:
+    import dask.array as da
+
+    out = io.StringIO()
+    x = da.arange(10_000, chunks=1_000)
+    with TaskProgress(client, file=out, interval=0.05) as bar:
+        with dask.config.set(scheduler=client):
+            assert int((x * 2).sum().compute()) == 2 * sum(range(10_000))
+    assert bar.total >= 11 and bar.done == bar.total and bar.erred == 0
+    assert f"{bar.done}/{bar.total}" in out.getvalue()
+    # without a client: dask's local callback bar
+    out = io.StringIO()
+    with progress(None, file=out):
+        (x + 1).sum().compute(scheduler="threads")
+    assert "tasks" in out.getvalue() and "100%" in out.getvalue()
+
+
+def test_client_summary_names_dashboard_state(client: Client) -> None:
+    line = client_summary(client)
+    assert line.startswith(f"dask scheduler {client.scheduler.address}: 2 workers, 2 threads")
+
+
+# --- CWT runs on the cluster --------------------------------------------------------------
+
+
+def test_cluster_run_equals_in_memory(
+    client: Client, small_sky: xr.Dataset, small_expected: xr.Dataset
+) -> None:
+    cwt = CWT(KERNELS, max_iter=2, tol=0)
+    result = cwt.analyze(small_sky, chunks=(64, 56), client=client)  # uneven 2 x 3 tiles
+    assert result.attrs["iterations"] == 2
+    assert isinstance(result["model"].data, np.ndarray)  # numpy in, numpy out
+    assert_states_equal(result, small_expected)
+    assert result.attrs["residual_variance"] == pytest.approx(
+        small_expected.attrs["residual_variance"], rel=1e-10
+    )
+
+
+def test_cluster_run_numpy_input_default_tiles(
+    client: Client, small_sky: xr.Dataset, small_expected: xr.Dataset, monkeypatch
+) -> None:
+    import cwtflow.engine
+
+    monkeypatch.setattr(cwtflow.engine, "CLUSTER_TILE", 80)  # the small map in 2 x 2 tiles
+    with TaskProgress(client, disable=True) as bar:
+        result = CWT(KERNELS, max_iter=2, tol=0).analyze(small_sky, client=client)
+    assert bar.done > 2 * 4  # tiles really ran as tasks on the cluster
+    assert_states_equal(result, small_expected)
+
+
+def test_client_must_be_a_client(small_sky: xr.Dataset) -> None:
+    with pytest.raises(InputError, match=r"distributed\.Client"):
+        CWT(KERNELS).analyze(small_sky, client="tcp://127.0.0.1:8786")
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sink", ["memory", "store"])
+def test_worker_killed_mid_iteration(
+    sink: str,
+    client: Client,
+    small_sky: xr.Dataset,
+    small_expected: xr.Dataset,
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a busy worker once iteration 2 has finished some tasks and not all of them."""
+    finished: list[int] = []
+    first_done = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def callback(info: cwtflow.IterationInfo) -> None:
+        finished.append(info.iteration)
+        if info.iteration == 1:
+            first_done.set()
+
+    store = tmp_path / "run.zarr" if sink == "store" else None
+
+    def run() -> None:
+        try:
+            cwt = CWT(KERNELS, max_iter=2, tol=0)
+            outcome["state"] = cwt.analyze(
+                small_sky, chunks=(64, 80), store=store, client=client, callback=callback
+            )
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    pids_before = worker_pids(client)
+    with TaskProgress(client, disable=True) as bar:
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert first_done.wait(timeout=60), outcome.get("error")
+        start_done, _, _ = bar.poll()
+        deadline = time.monotonic() + 60
+        while True:
+            done, total, _ = bar.poll()
+            busy = {w: keys for w, keys in client.processing().items() if keys}
+            if done > start_done and done < total and busy:
+                break
+            assert time.monotonic() < deadline, "iteration 2 never got under way"
+        victim = max(busy, key=lambda w: len(busy[w]))
+        os.kill(pids_before[victim], signal.SIGKILL)
+        finished_at_kill = list(finished)
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert finished_at_kill == [1]  # the kill came in the middle of iteration 2
+    assert finished == [1, 2]
+    client.wait_for_workers(2, timeout=60)
+    assert pids_before[victim] not in worker_pids(client).values()  # really replaced
+    state = outcome["state"]
+    if store is not None:
+        state = cwtflow.open_history(store).final
+    assert_states_equal(state.compute(), small_expected)
+
+
+def _complete(store: Path, k: int) -> bool:
+    """Iteration ``k`` of the history store is marked complete (read with plain zarr)."""
+    try:
+        group = zarr.open_group(str(store), path=f"iterations/{k:04d}", mode="r")
+    except Exception:
+        return False
+    return bool(group.attrs.get("cwtflow_complete"))
+
+
+def _scheduler_clients(dask_scheduler) -> set[str]:
+    return set(dask_scheduler.clients)
+
+
+def _executing(dask_worker) -> int:
+    return len(dask_worker.state.executing)
+
+
+def _wait_driver_gone(client: Client, clients: set[str], timeout: float = 60) -> None:
+    """Until the scheduler has dropped the dead driver's client (releasing its tasks) and no
+    worker still executes one of them."""
+    deadline = time.monotonic() + timeout
+    while client.run_on_scheduler(_scheduler_clients) - clients or any(
+        client.run(_executing).values()
+    ):
+        assert time.monotonic() < deadline, "cluster still busy with the dead driver's tasks"
+        time.sleep(0.05)
+
+
+def test_driver_killed_and_resumed_against_cluster(
+    client: Client,
+    cluster: LocalCluster,
+    small_sky: xr.Dataset,
+    tmp_path: Path,
+) -> None:
+    maps = tmp_path / "maps.fits"
+    cwtflow.write_maps(small_sky, maps)
+    store = tmp_path / "run.zarr"
+    base = [*CWTFLOW, "run", str(maps), "--out", str(store)]
+    options = [
+        "--scheduler",
+        cluster.scheduler_address,
+        "--chunks",
+        "64",
+        "80",
+        "--n-scale",
+        str(KERNELS.n_scale),
+        "--min-scale",
+        str(KERNELS.min_scale),
+        "--step-scale",
+        str(KERNELS.step_scale),
+        "--max-iter",
+        "3",
+        "--tol",
+        "0",
+        "--quiet",
+    ]
+    clients = client.run_on_scheduler(_scheduler_clients)
+    driver = subprocess.Popen([*base, *options], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not _complete(store, 1):
+        assert driver.poll() is None, driver.stderr.read()
+        assert time.monotonic() < deadline, "iteration 1 never completed"
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    driver.stderr.close()
+    assert not _complete(store, 3)  # killed mid-run
+    _wait_driver_gone(client, clients)
+    resumed = subprocess.run(
+        [*base, *options, "--resume"], capture_output=True, text=True, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    expected = CWT(KERNELS, max_iter=3, tol=0).analyze(small_sky)
+    history = cwtflow.open_history(store)
+    assert len(history.table()) == 3
+    assert_states_equal(history.final.compute(), expected)
+
+
+# --- cluster/local recipe -----------------------------------------------------------------
+
+
+def test_local_recipe_script(
+    tmp_path: Path, small_sky: xr.Dataset, small_expected: xr.Dataset
+) -> None:
+    state_dir = tmp_path / "dask-local"
+    env = {**os.environ, "DASK_LOCAL_DIR": str(state_dir), "PYTHON": sys.executable}
+
+    def script(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(LOCAL_SCRIPT), *args], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+
+    scheduler_file = state_dir / "scheduler.json"
+    started = script("start", "2")
+    pids: list[int] = []
+    try:
+        assert started.returncode == 0, started.stderr
+        assert str(scheduler_file) in started.stdout
+        pids = [int((state_dir / f"{name}.pid").read_text()) for name in ("scheduler", "workers")]
+        with open_client(scheduler=str(scheduler_file)) as c:
+            assert c.scheduler.address.startswith("tcp://127.0.0.1:")
+            workers = worker_pids(c)
+            pids += workers.values()
+            assert len(workers) == 2
+            assert all(address.startswith("tcp://127.0.0.1:") for address in workers)
+            for pid in pids:  # scheduler, nannies, workers: nothing on another interface
+                assert listening_hosts(pid) <= {"127.0.0.1"}, pid
+            cwt = CWT(KERNELS, max_iter=2, tol=0)
+            result = cwt.analyze(small_sky, chunks=(64, 80), client=c)
+    finally:
+        stopped = script("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    for pid in pids:
+        assert_gone(pid)
+    assert not scheduler_file.exists()
+    assert_states_equal(result, small_expected)
+
+
+# --- cluster/tls recipe -------------------------------------------------------------------
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dask configuration as dotted keys (what `dask.config.set` merges key by key)."""
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_tls_recipe(tmp_path: Path) -> None:
+    certs = tmp_path / "tls"
+    made = subprocess.run(
+        ["bash", str(TLS_SCRIPT), str(certs)],
+        env={**os.environ, "DASK_TLS_BITS": "2048"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    assert oct((certs / "worker.key").stat().st_mode)[-3:] == "600"
+    text = TLS_CONFIG.read_text().replace("/etc/cwtflow/tls", str(certs))
+    config = _flat(yaml.safe_load(text))
+    with dask.config.set(config), start_local_cluster(1, dashboard=False) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://127.0.0.1:")
+        with open_client(scheduler=address) as c:
+            (worker,) = c.scheduler_info(n_workers=-1)["workers"]
+            assert worker.startswith("tls://127.0.0.1:")
+            assert c.submit(lambda x: 2 * x, 21).result() == 42
+        # plain tcp and a client without the certificates are both refused
+        with pytest.raises(InputError, match="cannot connect"):
+            with open_client(scheduler=address.replace("tls://", "tcp://"), timeout=2):
+                pass
+        no_certs = {
+            "distributed.comm.tls.client.cert": None,
+            "distributed.comm.tls.client.key": None,
+        }
+        with dask.config.set(no_certs), pytest.raises(InputError, match="cannot connect"):
+            with open_client(scheduler=address, timeout=2):
+                pass
+
+
+# --- cluster/hpc and cluster/kubernetes recipes -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("system", "directive"), [("slurm", "#SBATCH --cpus-per-task=32"), ("pbs", "#PBS -l select=1")]
+)
+def test_hpc_launcher_job_script(system: str, directive: str) -> None:
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue (test extra) is not installed")
+    launcher = REPO / "cluster" / "hpc" / "launch.py"
+    command = [sys.executable, str(launcher), "--system", system, "--jobs", "2", "--dry-run"]
+    out = subprocess.run(
+        [*command, "--interface", "lo"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    assert directive in script
+    assert "source $HOME/cwtflow-env/bin/activate" in script
+    worker = next(line for line in script.splitlines() if "dask_worker" in line)
+    assert " tcp://127.0.0.1:" in worker  # the scheduler of a dry run stays on loopback
+    assert "--nworkers 32" in worker and "--nthreads 1" in worker
+
+
+def test_kubernetes_manifests_fit_together() -> None:
+    folder = REPO / "cluster" / "kubernetes"
+    claim, cluster = yaml.safe_load_all((folder / "daskcluster.yaml").read_text())
+    (job,) = yaml.safe_load_all((folder / "driver-job.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("kubernetes.dask.org/v1", "DaskCluster")
+    assert claim["kind"] == "PersistentVolumeClaim"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    name = cluster["metadata"]["name"]
+    scheduler, worker = cluster["spec"]["scheduler"], cluster["spec"]["worker"]
+    assert scheduler["service"]["selector"] == {
+        "dask.org/cluster-name": name,
+        "dask.org/component": "scheduler",
+    }
+    ports = {p["name"]: p["port"] for p in scheduler["service"]["ports"]}
+    assert ports["tcp-comm"] == 8786
+    (sched_container,) = scheduler["spec"]["containers"]
+    (worker_container,) = worker["spec"]["containers"]
+    (driver,) = job["spec"]["template"]["spec"]["containers"]
+    assert sched_container["args"][:2] == ["dask", "scheduler"]
+    assert worker_container["args"][:2] == ["dask", "worker"]
+    images = {c["image"] for c in (sched_container, worker_container, driver)}
+    assert len(images) == 1  # one image (cluster/kubernetes/Dockerfile) everywhere
+    # workers and driver see the same store at the same path
+    driver_pod = job["spec"]["template"]["spec"]
+    for pod, container in ((worker["spec"], worker_container), (driver_pod, driver)):
+        volumes = pod["volumes"]
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in volumes
+            if "persistentVolumeClaim" in v
+        }
+        mounts = {m["mountPath"]: claims.get(m["name"]) for m in container["volumeMounts"]}
+        assert mounts["/data"] == claim["metadata"]["name"]
+    args = driver["args"]
+    assert args[:2] == ["cwtflow", "run"] and "--resume" in args
+    assert args[args.index("--scheduler") + 1] == f"tcp://{name}-scheduler:{ports['tcp-comm']}"
+    assert args[args.index("--out") + 1].startswith("/data/")
+    dockerfile = (folder / "Dockerfile").read_text()
+    assert "COPY cwtflow ./cwtflow" in dockerfile and "pip install ." in dockerfile
