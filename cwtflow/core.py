@@ -99,10 +99,18 @@ def kernel_spectra(kernels: CWTKernels, shape: tuple[int, int]) -> KernelSpectra
     return KernelSpectra(shape, wavelet, wavelet_sq, approx)
 
 
-def _forward(padded: np.ndarray, workers: int) -> np.ndarray:
-    """``rfft2`` of a (k, P0, P1) stack of images already zero-padded to the FFT grid (faster
-    than letting scipy pad, and than pruning the zero rows by hand). ``padded`` is consumed."""
-    return scipy.fft.rfft2(padded, workers=workers, overwrite_x=True)
+def _forward(padded: np.ndarray, workers: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``rfft2`` of a (..., P0, P1) image (stack) already zero-padded to the FFT grid (faster
+    than letting scipy pad, and than pruning the zero rows by hand); written into ``out``
+    when given. One worker uses numpy's pocketfft, which writes into ``out`` without an
+    intermediate array; more use scipy.fft's threads. ``padded`` may be overwritten."""
+    if workers == 1:
+        return np.fft.rfft2(padded, out=out)
+    spectra = scipy.fft.rfft2(padded, workers=workers, overwrite_x=True)
+    if out is None:
+        return spectra
+    out[...] = spectra
+    return out
 
 
 def _padded(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -118,11 +126,16 @@ def _inverse(
     """``irfft2(spectra, s=shape)[..., :ny, :nx]``, pruned: the column pass runs on every
     column, the row pass only on the ``ny`` rows kept. ``spectra`` is overwritten.
 
-    Returns a (..., ny, nx) view into a (..., ny, shape[1]) buffer (rows padded, no copy).
+    Returns a (..., ny, nx) view into a new (..., ny, shape[1]) buffer (no copy).
     """
     ny, nx = out_shape
-    columns = scipy.fft.ifft(spectra, axis=-2, overwrite_x=True, workers=workers)
-    planes = scipy.fft.irfft(columns[..., :ny, :], n=shape[1], axis=-1, workers=workers)
+    if workers == 1:
+        columns = np.fft.ifft(spectra, axis=-2, out=spectra)
+        planes = np.empty((*spectra.shape[:-2], ny, shape[1]))
+        np.fft.irfft(columns[..., :ny, :], n=shape[1], axis=-1, out=planes)
+    else:
+        columns = scipy.fft.ifft(spectra, axis=-2, overwrite_x=True, workers=workers)
+        planes = scipy.fft.irfft(columns[..., :ny, :], n=shape[1], axis=-1, workers=workers)
     return planes[..., :nx]
 
 
@@ -153,7 +166,7 @@ def convolve_step(
         ``image_spectra(counts, background)`` on the same grid, when the caller keeps it across
         iterations (saves a forward FFT per iteration; only the counts spectrum is used).
     workers : int
-        Threads for scipy.fft.
+        Threads for the FFTs.
 
     Returns
     -------
@@ -170,7 +183,8 @@ def convolve_step(
     ny, nx = counts.shape
     shape = spectra.shape
     n_scale = spectra.wavelet.shape[0]
-    # total = M + B + A and C - M - B, written straight into the zero-padded stack to transform
+    # total = M + B + A and C - M - B (and C - total), written straight into the zero-padded
+    # stack to transform
     padded = np.zeros((2 if const_spectra is not None else 3, *shape))
     for r in _row_blocks(ny, nx):
         total, cmb = padded[0, r, :nx], padded[1, r, :nx]
@@ -180,22 +194,23 @@ def convolve_step(
         cmb -= background[r]
         if const_spectra is None:
             np.subtract(counts[r], total, out=padded[2, r, :nx])
+    # Spectra land in the product planes they are last used in: the total in the last error
+    # plane, C - M - B in the approximation plane, the excess in the first transform plane.
+    n = n_scale
+    products = np.empty((2 * n + 1, shape[0], shape[1] // 2 + 1), dtype=np.complex128)
+    f_total, f_cmb, f_excess = products[2 * n - 1], products[2 * n], products[0]
+    _forward(padded[:2], workers, out=products[2 * n - 1 :])
     if const_spectra is None:
-        f_total, f_cmb, f_excess = _forward(padded, workers)
+        _forward(padded[2], workers, out=f_excess)
     else:
-        f_total, f_cmb = _forward(padded, workers)
-        f_excess = None
-    products = np.empty((2 * n_scale + 1, *f_total.shape), dtype=f_total.dtype)
-    # excess spectrum in place in the first product plane, then each scale's product from it
-    if f_excess is None:
-        np.subtract(const_spectra[0], f_total, out=products[0])
-    else:
-        products[0] = f_excess
-    for i in range(1, n_scale):
-        np.multiply(products[0], spectra.wavelet[i], out=products[i])
-    products[0] *= spectra.wavelet[0]
-    np.multiply(f_total, spectra.wavelet_sq, out=products[n_scale : 2 * n_scale])
-    np.multiply(f_cmb, spectra.approx, out=products[2 * n_scale])
+        np.subtract(const_spectra[0], f_total, out=f_excess)
+    for i in range(1, n):
+        np.multiply(f_excess, spectra.wavelet[i], out=products[i])
+    f_excess *= spectra.wavelet[0]
+    for i in range(n - 1):
+        np.multiply(f_total, spectra.wavelet_sq[i], out=products[n + i])
+    f_total *= spectra.wavelet_sq[n - 1]
+    f_cmb *= spectra.approx
     planes = _inverse(products, shape, (ny, nx), workers)
     return planes[:n_scale], planes[n_scale : 2 * n_scale], planes[2 * n_scale]
 

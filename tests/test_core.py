@@ -72,6 +72,24 @@ def test_convolve_step_matches_scipy(shape, kernels, periodic):
     )
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 30), (33, 40)], ids=str)
+def test_convolve_step_threaded_equals_single(shape):
+    """``workers > 1`` takes scipy.fft's threaded path; one worker numpy's: same numbers."""
+    im = _images(shape, 8)
+    grid = core.fft_shape(shape, SMALL.halo)
+    spectra = core.kernel_spectra(SMALL, grid)
+    const = core.image_spectra(im["counts"], im["background"], shape=grid, workers=2)
+    np.testing.assert_allclose(
+        const, core.image_spectra(im["counts"], im["background"], shape=grid), atol=1e-12
+    )
+    args = (im["counts"], im["background"], im["model"], im["approx"], spectra)
+    for const_spectra in (None, const):
+        one = core.convolve_step(*args, const_spectra=const_spectra)
+        two = core.convolve_step(*args, const_spectra=const_spectra, workers=2)
+        for a, b in zip(one, two, strict=True):
+            _assert_close(b, a, rtol=1e-13)
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (12, 7), (9, 30)], ids=str)
 def test_periodic_convolution_matches_explicit_wrap_padding(shape):
     """Periodic longitude against np.pad(mode="wrap") + direct summation, kernels wider than the

@@ -85,6 +85,13 @@ def test_engine_matches_brute_force(name, zero_patch, random_maps):
     assert_run_matches(result, cwt, expected)
 
 
+def test_threaded_ffts_match_brute_force(random_maps):
+    kernel_args, options = PARAMETER_SETS["island"]
+    data = random_maps(9, zero_patch=ZERO_PATCH)
+    result, cwt, expected = run_both(data, kernel_args, {**options, "fft_workers": 2})
+    assert_run_matches(result, cwt, expected)
+
+
 def test_early_stop_set_converges(random_maps):
     kernel_args, options = PARAMETER_SETS["early_stop"]
     result, _, expected = run_both(random_maps(7), kernel_args, options)
