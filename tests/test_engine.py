@@ -169,7 +169,7 @@ def test_wrap_changes_only_the_seam():
     assert diff[:, :, middle].max() < 1e-12
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31),
     ny=st.integers(1, 26),
