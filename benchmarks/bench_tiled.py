@@ -2,7 +2,7 @@
 
 Run from the project root::
 
-    python benchmarks/bench_tiled.py                       # 4096 x 4096, tiles 1024 and 2048
+    python benchmarks/bench_tiled.py                 # 4096 x 4096, tiles 512, 1024 and 2048
     python benchmarks/bench_tiled.py --size 2048 --chunks 512 1024 --iterations 3 --repeat 1
 
 The map is simulated (`cwtflow.simulate_sky`: Poisson counts over a smooth Galactic-band
@@ -93,7 +93,9 @@ def compare(tiled: xr.Dataset, memory: xr.Dataset) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=4096, help="map side in pixels")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048], help="tile sizes")
+    parser.add_argument(
+        "--chunks", type=int, nargs="+", default=[512, 1024, 2048], help="tile sizes"
+    )
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=2, help="interleaved rounds (best kept)")
     parser.add_argument("--threads", type=int, default=2)

@@ -23,6 +23,7 @@ one set of kernel spectra serves all tiles (`core.kernel_spectra` caches it per 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
@@ -84,6 +85,12 @@ def _grid_length(chunks: tuple[int, ...], depth: int, periodic: bool) -> int:
     return scipy.fft.next_fast_len(needed, real=True)
 
 
+@lru_cache(maxsize=4)
+def _kernels(n_scale: int, min_scale: float, step_scale: float) -> CWTKernels:
+    """The kernels rebuilt from their parameters in a task (cheaper to ship than the arrays)."""
+    return CWTKernels(n_scale, min_scale, step_scale)
+
+
 def _wrap_pad(image: np.ndarray, depth: int) -> np.ndarray:
     return np.pad(image, ((0, 0), (depth, depth)), mode="wrap")
 
@@ -99,12 +106,13 @@ def _tile_iteration(
     model: np.ndarray,
     approx: np.ndarray,
     *,
-    kernels: CWTKernels,
+    kernels: tuple[int, float, float],
     grid: tuple[int, int],
     offsets: tuple[int, int],
     wrap_pad: int,
 ) -> np.ndarray:
     """One tile (with its halo) -> interior (3 n_scale + 1, ty, tx): T, E, significance, A."""
+    kernels = _kernels(*kernels)
     if wrap_pad:
         counts, background, model, approx = (
             _wrap_pad(a, wrap_pad) for a in (counts, background, model, approx)
@@ -125,12 +133,13 @@ def _tile_iteration(
 def _tile_approx(
     background: np.ndarray,
     *,
-    kernels: CWTKernels,
+    kernels: tuple[int, float, float],
     grid: tuple[int, int],
     offsets: tuple[int, int],
     wrap_pad: int,
 ) -> np.ndarray:
     """``conv(B, G)`` on the interior of one tile."""
+    kernels = _kernels(*kernels)
     if wrap_pad:
         background = _wrap_pad(background, wrap_pad)
     out = core.convolve_approx(background, core.kernel_spectra(kernels, grid))
@@ -193,7 +202,7 @@ class TiledStep:
             _grid_length(self.work_chunks[1], depth[1], self.wrap),
         )
         self._tile_kwargs = {
-            "kernels": self.kernels,
+            "kernels": (self.kernels.n_scale, self.kernels.min_scale, self.kernels.step_scale),
             "grid": grid,
             "offsets": offsets,
             "wrap_pad": wrap_pad,
