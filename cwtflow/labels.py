@@ -11,8 +11,9 @@ longitude): the first and last pixel of a row are neighbours.
 How components are joined across tiles (the graph is linear in the number of tiles):
 
 1. every block is labelled on its own (one `map_blocks` layer of `scipy.ndimage.label`);
-2. every block reports, in one pass, its label count, the labels on its four borders and, when
-   asked, each label's pixel count (`numpy.bincount`) and maximum value (`numpy.maximum.at`);
+2. every block reports, in one pass, its label count, the labels on its four borders, and each
+   label's pixel count (`numpy.bincount`) and maximum value (`numpy.maximum.at`, when values
+   such as the significance are given);
 3. one task reads the reports (borders and per-label vectors, never the map), numbers the block
    labels globally, joins labels that touch across a tile border (or the seam) with
    `scipy.sparse.csgraph.connected_components` and reduces the per-label statistics;
