@@ -503,6 +503,9 @@ def test_kubernetes_manifests_fit_together() -> None:
         assert mounts["/data"] == claim["metadata"]["name"]
     args = driver["args"]
     assert args[:2] == ["cwtflow", "run"] and "--resume" in args
+    from cwtflow.cli import run
+
+    run.make_context("run", args[2:])  # valid options of the real command line
     assert args[args.index("--scheduler") + 1] == f"tcp://{name}-scheduler:{ports['tcp-comm']}"
     assert args[args.index("--out") + 1].startswith("/data/")
     dockerfile = (folder / "Dockerfile").read_text()

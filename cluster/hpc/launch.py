@@ -8,7 +8,7 @@ Run it on a login node (or in a small batch job) with cwtflow and dask-jobqueue 
 
     # 8 worker jobs; run cwtflow against them, retrying with --resume if the driver dies
     python cluster/hpc/launch.py --system slurm --jobs 8 --retries 2 -- \
-        cwtflow run survey.fits --out /scratch/$USER/survey.zarr --chunks 2048
+        cwtflow run survey.fits --out /scratch/$USER/survey.zarr --chunks 2048 2048
 
     # or keep the cluster up and point any number of runs at its scheduler file
     python cluster/hpc/launch.py --system pbs --jobs 8 --scheduler-file ~/cwtflow-scheduler.json
