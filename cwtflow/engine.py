@@ -105,9 +105,12 @@ class CWT:
             raise InputError(f"max_iter must be a positive integer, got {max_iter!r}")
         if not (np.isfinite(tol) and tol >= 0):
             raise InputError(f"tol must be a non-negative number, got {tol!r}")
-        if not np.isfinite(significance_threshold):
+        if not (np.isfinite(significance_threshold) and significance_threshold > 0):
+            # pixels without variance under the kernel (E == 0) have significance 0, so a
+            # threshold at or below 0 would call them significant
             raise InputError(
-                f"significance_threshold must be finite, got {significance_threshold!r}"
+                "significance_threshold must be a finite number above 0, "
+                f"got {significance_threshold!r}"
             )
         if significance_island_threshold is not None and not np.isfinite(
             significance_island_threshold
@@ -265,15 +268,6 @@ class CWT:
                 state = state.compute()
                 self.history = [h.compute() for h in self.history]
         return state
-
-    def _keep_mask(self, sig: np.ndarray, wrap: bool) -> np.ndarray:
-        return core.clean_support(
-            sig,
-            self.significance_threshold,
-            remove_isolated=self.remove_isolated,
-            island_threshold=self.significance_island_threshold,
-            wrap_x=wrap,
-        )
 
     def _info(
         self, k: int, variance: float, previous: float | None, support_size: int

@@ -98,7 +98,7 @@ def test_run_refuses_bad_maps(tmp_path, case):
         (["--step-scale", "1.0"], ["--step-scale"]),
         (["--max-iter", "0"], ["--max-iter"]),
         (["--tol", "-1"], ["--tol"]),
-        (["--threshold", "nan"], ["significance_threshold must be finite"]),
+        (["--threshold", "nan"], ["significance_threshold must be a finite number above 0"]),
         (["--island-threshold", "inf"], ["significance_island_threshold"]),
         (["--wrap-lon", "maybe"], ["--wrap-lon"]),
         (["--wrap-lon", "yes"], ["wrap_lon=True needs a CAR map spanning 360 deg"]),

@@ -312,6 +312,8 @@ def test_not_a_dataset_raises(random_maps):
         {"tol": np.nan},
         {"significance_threshold": np.nan},
         {"significance_threshold": np.inf},
+        {"significance_threshold": 0.0},
+        {"significance_threshold": -1.0},
         {"significance_island_threshold": np.nan},
     ],
     ids=repr,
