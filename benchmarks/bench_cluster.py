@@ -12,7 +12,7 @@ their tiles; nothing big travels through the scheduler). Reported:
   tasks of the iteration, labelling and store writes included, divided by the tiles), and the
   tile-function seconds alone;
 - bytes per tile: state in memory, state stored per iteration (compressed, on disk), and the
-  peak resident memory of a worker process.
+  peak resident memory of a worker process (sampled every 10 ms in each worker).
 
 Run::
 
@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -56,6 +55,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n-scale", type=int, default=2)
     parser.add_argument("--min-scale", type=float, default=6.0)
     parser.add_argument("--step-scale", type=float, default=1.3)
+    parser.add_argument(
+        "--island-threshold",
+        type=float,
+        default=None,
+        help="significance_island_threshold (turns on the global labelling step)",
+    )
     parser.add_argument("--memory-limit", default="8GiB", help="per worker process")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -77,8 +82,31 @@ def open_inputs(path: Path, chunks: int) -> xr.Dataset:
     return xr.open_zarr(path, chunks={"y": chunks, "x": chunks}, consolidated=False)
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _start_rss_sampler(dask_worker: Any) -> None:
+    """In a worker: sample its resident memory every 10 ms, keep the maximum.
+
+    (``ru_maxrss`` would not do: Linux carries it over from the parent process across
+    fork/exec, so a worker spawned by a big driver starts with the driver's peak.)
+    """
+    import threading
+
+    import psutil
+
+    process = psutil.Process()
+    dask_worker.cwtflow_bench_peak = process.memory_info().rss
+    dask_worker.cwtflow_bench_stop = threading.Event()
+
+    def sample() -> None:
+        while not dask_worker.cwtflow_bench_stop.wait(0.01):
+            rss = process.memory_info().rss
+            dask_worker.cwtflow_bench_peak = max(dask_worker.cwtflow_bench_peak, rss)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+
+def _stop_rss_sampler(dask_worker: Any) -> int:
+    dask_worker.cwtflow_bench_stop.set()
+    return int(dask_worker.cwtflow_bench_peak)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -87,11 +115,17 @@ def _dir_bytes(path: Path) -> int:
 
 def run_once(args: argparse.Namespace, client: Client, inputs: Path, store: Path) -> dict[str, Any]:
     kernels = CWTKernels(args.n_scale, args.min_scale, args.step_scale)
-    cwt = CWT(kernels, max_iter=args.iterations, tol=0.0)
+    cwt = CWT(
+        kernels,
+        max_iter=args.iterations,
+        tol=0.0,
+        significance_island_threshold=args.island_threshold,
+    )
     data = open_inputs(inputs, args.chunks)
     marks: list[float] = []
     tasks: list[int] = []
     shutil.rmtree(store, ignore_errors=True)
+    client.run(_start_rss_sampler)
     with get_task_stream(client) as stream, TaskProgress(client, disable=True) as bar:
 
         def callback(info: object) -> None:
@@ -101,6 +135,7 @@ def run_once(args: argparse.Namespace, client: Client, inputs: Path, store: Path
         start = time.perf_counter()
         cwt.analyze(data, store=store, client=client, callback=callback)
         total = time.perf_counter() - start
+    worker_peak = max(client.run(_stop_rss_sampler).values())
     # per-iteration task seconds: tasks that started within each iteration's window
     bounds = [start, *marks]
     offset = time.time() - time.perf_counter()  # perf_counter -> epoch seconds
@@ -124,8 +159,23 @@ def run_once(args: argparse.Namespace, client: Client, inputs: Path, store: Path
         "tasks_per_iteration": [b - a for a, b in itertools.pairwise([0, *tasks])],
         "task_s_per_iteration": busy,
         "task_s_by_prefix": dict(sorted(by_prefix.items(), key=lambda kv: -kv[1])[:8]),
+        "tile_function_s": sum(v for k, v in by_prefix.items() if k.startswith("_tile_iteration")),
+        "global_join_s": sum(v for k, v in by_prefix.items() if "_join" in k),
         "store_bytes": _dir_bytes(store),
+        "worker_peak_rss": worker_peak,
     }
+
+
+def _noop(x: int) -> int:
+    return x
+
+
+def scheduler_throughput(client: Client, n: int = 4000) -> float:
+    """Tasks per second the cluster gets through when tasks do nothing (scheduling overhead)."""
+    client.gather(client.map(_noop, range(200), pure=False))  # warm up
+    start = time.perf_counter()
+    client.gather(client.map(_noop, range(n), pure=False))
+    return n / (time.perf_counter() - start)
 
 
 def main(argv: list[str]) -> int:
@@ -154,7 +204,7 @@ def main(argv: list[str]) -> int:
                     for _ in range(args.repeats)
                 ]
                 best = min(runs, key=lambda r: r["total_s"])
-                best["worker_peak_rss"] = max(client.run(_peak_rss).values())
+                best["noop_tasks_per_s"] = scheduler_throughput(client)
                 best["load_after"] = os.getloadavg()[0]
             results[n] = best
             print(
@@ -162,7 +212,8 @@ def main(argv: list[str]) -> int:
                 f"{', '.join(f'{t:.2f}' for t in best['iteration_s'])} s (the first includes "
                 f"writing the inputs and iteration 0); tasks per iteration "
                 f"{best['tasks_per_iteration']}; worker peak RSS "
-                f"{best['worker_peak_rss'] / 2**20:.0f} MiB; load {best['load_after']:.1f}",
+                f"{best['worker_peak_rss'] / 2**20:.0f} MiB; no-op tasks "
+                f"{best['noop_tasks_per_s']:.0f}/s; load {best['load_after']:.1f}",
                 flush=True,
             )
         base = results[min(results)]
@@ -214,6 +265,10 @@ def main(argv: list[str]) -> int:
             f"worker peak RSS {per['worker_peak_rss'] / mib:.0f} MiB"
         )
         print("busiest task kinds (1 worker, s):", base["task_s_by_prefix"])
+        print(
+            f"tile function {base['tile_function_s'] / tiles / args.iterations:.3f} s per tile "
+            f"per iteration; global labelling join {base['global_join_s']:.3f} s in all"
+        )
         if args.json is not None:
             args.json.write_text(json.dumps(summary, indent=2, default=float))
     finally:
