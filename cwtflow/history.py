@@ -62,7 +62,7 @@ from .engine import CWT, IterationInfo
 from .errors import InputError, StoreError
 from .kernels import CWTKernels
 from .maps import wcs_from_attrs
-from .state import CUBES, IMAGES, STATE_VARS, VARIABLES, variable_attrs
+from .state import CARRIED, CUBES, IMAGES, STATE_VARS, VARIABLES, variable_attrs
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "History", "ZarrSink", "open_history", "read_result"]
 
@@ -629,7 +629,7 @@ def _expected(shape: tuple[int, int], kernels: CWTKernels) -> dict[str, tuple]:
 def _state(inputs: xr.Dataset, group: xr.Dataset) -> xr.Dataset:
     """A full state Dataset: inputs from ``inputs``, the rest (and scale) from ``group``."""
     data_vars = {}
-    for name in STATE_VARS:
+    for name in (*STATE_VARS, *CARRIED):
         source = inputs if name in INPUT_VARS else group
         if name in source:
             data_vars[name] = source[name].variable

@@ -35,7 +35,7 @@ from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 from .analysis import images
 from .errors import InputError, StoreError
 from .maps import make_maps, validate_maps, wcs_from_attrs
-from .state import CUBES, IMAGES, STATE_VARS
+from .state import CARRIED, CUBES, IMAGES, STATE_VARS
 
 __all__ = [
     "atomic_output",
@@ -445,6 +445,9 @@ def write_state(state: xr.Dataset, path: PathLike, *, overwrite: bool = False) -
         hdus.append(_image_hdu(name, kind, imgs[name].variable, wcs_header))
     for name in CUBES:
         hdus.append(_image_hdu(name, "data", state[name].variable, wcs_header))
+    for name in CARRIED:
+        if name in state.data_vars:
+            hdus.append(_image_hdu(name, "data", state[name].variable, wcs_header))
     scale = state["scale"].variable
     table = fits.BinTableHDU.from_columns(
         [fits.Column(name="SCALE", format="D", unit=scale.attrs.get("units"), array=scale.values)],

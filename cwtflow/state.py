@@ -10,7 +10,15 @@ import xarray as xr
 
 from .kernels import CWTKernels
 
-__all__ = ["CUBES", "IMAGES", "STATE_VARS", "VARIABLES", "initial_state", "new_state"]
+__all__ = [
+    "CARRIED",
+    "CUBES",
+    "IMAGES",
+    "STATE_VARS",
+    "VARIABLES",
+    "initial_state",
+    "new_state",
+]
 
 # name -> (dims, units, description); the state's variables in the reference's order.
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -27,6 +35,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "transform_3d": (("scale", "y", "x"), "count", "wavelet transform T_i of the excess"),
     "error": (("scale", "y", "x"), "count", "error E_i = sqrt(conv(M + B + A, K_i**2))"),
     "support": (("scale", "y", "x"), "1", "support S_i: significant pixels, accumulated"),
+    "exposure": (("y", "x"), "cm2 s", "exposure (optional input, carried for fluxes)"),
 }
 
 #: Variables stored in a state (the others are derived from them).
@@ -41,6 +50,8 @@ STATE_VARS = (
     "error",
     "support",
 )
+#: Optional inputs a state carries along unchanged when its input has them.
+CARRIED = ("exposure",)
 #: The 2-D images in the reference's order, derived ones included.
 IMAGES = (
     "counts",
@@ -67,11 +78,15 @@ def variable_attrs(name: str) -> dict[str, str]:
 def new_state(template: xr.Dataset, arrays: Mapping[str, Any], kernels: CWTKernels) -> xr.Dataset:
     """A state Dataset holding ``arrays`` on the grid, coordinates and attrs of ``template``.
 
-    ``arrays`` maps every name of `STATE_VARS` to a numpy or dask array of its dims' shape.
+    ``arrays`` maps every name of `STATE_VARS` to a numpy or dask array of its dims' shape;
+    the optional inputs of `CARRIED` (exposure) come along from ``template`` when it has them.
     """
     data_vars = {
         name: (VARIABLES[name][0], arrays[name], variable_attrs(name)) for name in STATE_VARS
     }
+    for name in CARRIED:
+        if name in template.data_vars:
+            data_vars[name] = template[name].variable
     coords = {
         name: template.coords[name].variable for name in ("lon", "lat") if name in template.coords
     }

@@ -176,10 +176,10 @@ def test_flux_with_an_exposure_map(three_sources):
         i = int(np.argmin(np.hypot(with_exposure["x"] - x0, with_exposure["y"] - y0)))
         # counts inside the support only: a few percent of the wings are outside
         assert with_exposure["flux"][i] == pytest.approx(total / 2.0e10, rel=0.3)
-    # the result's own exposure variable is used when present; none at all -> NaN
-    carrying = result.assign(exposure=data["exposure"])
-    np.testing.assert_array_equal(find_sources(carrying)["flux"], with_exposure["flux"])
-    assert np.all(np.isnan(find_sources(result)["flux"]))
+    # the result carries the input's exposure and uses it by default; none at all -> NaN
+    assert "exposure" in result
+    np.testing.assert_array_equal(find_sources(result)["flux"], with_exposure["flux"])
+    assert np.all(np.isnan(find_sources(result.drop_vars("exposure"))["flux"]))
     with pytest.raises(InputError, match="exposure shape"):
         find_sources(result, exposure=np.ones((3, 3)))
     with pytest.raises(InputError, match="negative"):
@@ -424,6 +424,7 @@ def test_cli_catalog_from_fits_and_zarr_results(tmp_path, three_sources, stored_
 def test_cli_catalog_refusals_write_nothing(tmp_path, three_sources):
     _, result = three_sources
     state = cwtflow.write_state(result, tmp_path / "result.fits")
+    no_exposure = cwtflow.write_state(result.drop_vars("exposure"), tmp_path / "noexp.fits")
     existing = tmp_path / "old.fits"
     existing.write_bytes(b"keep")
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -432,7 +433,7 @@ def test_cli_catalog_refusals_write_nothing(tmp_path, three_sources):
         (("catalog", state, "--out", tmp_path / "a.reg"), "--regions"),
         (("catalog", state, "--out", tmp_path / "a.txt"), "format"),
         (("catalog", tmp_path / "missing.fits", "--out", tmp_path / "a.fits"), "missing.fits"),
-        (("catalog", state, "--out", tmp_path / "a.fits", "--maps", state), "EXPOSURE"),
+        (("catalog", state, "--out", tmp_path / "a.fits", "--maps", no_exposure), "EXPOSURE"),
     ]
     for args, word in cases:
         run = invoke(*args)
