@@ -19,6 +19,7 @@ from .io import read_maps, read_state, write_maps, write_state
 from .kernels import CWTKernels
 from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
 from .simulate import simulate_sky
+from .store_catalog import read_store_catalog, write_store_catalog
 
 try:
     __version__ = version("cwtflow")
@@ -50,6 +51,7 @@ __all__ = [
     "read_maps",
     "read_result",
     "read_state",
+    "read_store_catalog",
     "simulate_sky",
     "state_metrics",
     "validate_maps",
@@ -58,6 +60,7 @@ __all__ = [
     "write_maps",
     "write_regions",
     "write_state",
+    "write_store_catalog",
 ]
 
 

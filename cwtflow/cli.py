@@ -600,11 +600,13 @@ def info(result: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **options: Any):
     """Find the sources in a RESULT (.fits from `cwtflow run`, or a .zarr store) and write
-    them as a FITS or ECSV catalog (and DS9 regions)."""
+    them as a FITS or ECSV catalog (and DS9 regions). A .zarr store also keeps the catalog,
+    next to its history (group 'catalog')."""
     import warnings
 
     from .catalog import _format_of, find_sources, write_catalog, write_regions
     from .history import open_history
+    from .store_catalog import read_store_catalog, write_store_catalog
 
     if _format_of(out, None) == "ds9":
         raise click.UsageError("--out takes a .fits, .fits.gz or .ecsv catalog; use --regions")
@@ -612,8 +614,11 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     if regions is not None:
         check_output(regions, overwrite=options["overwrite"], hint="--overwrite")
     exposure = None
-    if result.name.lower().endswith(".zarr"):
+    in_store = result.name.lower().endswith(".zarr")
+    if in_store:
         history = open_history(result)
+        if read_store_catalog(result) is not None and not options["overwrite"]:
+            raise StoreError(f"{result} already holds a catalog (use --overwrite to replace it)")
         state = history.final
         exposure = history.inputs["exposure"] if "exposure" in history.inputs else None
     else:
@@ -639,6 +644,9 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
         click.echo(f"cwtflow: warning: {_one_line(str(warning.message))}", err=True)
     write_catalog(table, out, overwrite=options["overwrite"])
     click.echo(f"wrote {out} ({len(table)} sources)")
+    if in_store:
+        write_store_catalog(result, table, overwrite=options["overwrite"])
+        click.echo(f"kept the catalog in {result} (group 'catalog')")
     if regions is not None:
         write_regions(table, regions, overwrite=options["overwrite"])
         click.echo(f"wrote {regions}")
