@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.utils import format_dashboard_link
 
 from .errors import InputError
 
@@ -113,11 +114,9 @@ def dashboard_link(client: Client) -> str | None:
         pages = True
     if not pages:
         return None
-    address = client.scheduler.address
-    protocol, rest = address.split("://", 1)
+    protocol, rest = client.scheduler.address.split("://", 1)
     host = "localhost" if protocol == "inproc" else rest.rsplit(":", 1)[0]
-    scheme = "https" if protocol == "tls" else "http"
-    return f"{scheme}://{host}:{port}/status"
+    return format_dashboard_link(host, port)  # honours distributed.dashboard.link
 
 
 def worker_pids(client: Client) -> dict[str, int]:
