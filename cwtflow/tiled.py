@@ -110,8 +110,19 @@ def _tile_iteration(
     grid: tuple[int, int],
     offsets: tuple[int, int],
     wrap_pad: int,
+    clean: tuple[float, bool, tuple[bool, bool]] | None = None,
+    n_blocks: tuple[int, int] = (1, 1),
+    block_id: tuple[int, ...] = (0, 0, 0),
 ) -> np.ndarray:
-    """One tile (with its halo) -> interior (3 n_scale + 1, ty, tx): T, E, significance, A."""
+    """One tile (with its halo) -> interior (3 n_scale + 1, ty, tx): T, E, third block, A.
+
+    Without ``clean`` the third block is the significance. With ``clean = (threshold,
+    remove_isolated, ring)`` it is the cleaned significant mask (0/1) of the tile: the tile
+    carries one more pixel of halo than the convolutions need, so the significance of a
+    one-pixel ring around the interior is exact and isolated pixels are dropped within the tile
+    (`labels.drop_isolated`'s rule). ``ring[ax]`` tells whether that axis's ring holds map
+    pixels (a halo or a periodic pad); ring pixels beyond a non-periodic map edge are never set.
+    """
     kernels = _kernels(*kernels)
     if wrap_pad:
         counts, background, model, approx = (
@@ -120,14 +131,74 @@ def _tile_iteration(
     spectra = core.kernel_spectra(kernels, grid)
     transform, error_sq, new_approx = core.convolve_step(counts, background, model, approx, spectra)
     inside = (slice(None), *_interior(counts, offsets))
-    error, sig = core.significance(transform[inside], error_sq[inside])
     n = kernels.n_scale
-    out = np.empty((3 * n + 1, *error.shape[-2:]))
+    out = np.empty((3 * n + 1, *transform[inside].shape[-2:]))
     out[:n] = transform[inside]
-    out[n : 2 * n] = error
-    out[2 * n : 3 * n] = sig
+    if clean is None:
+        error, sig = core.significance(transform[inside], error_sq[inside])
+        out[n : 2 * n] = error
+        out[2 * n : 3 * n] = sig
+    else:
+        threshold, remove_isolated, ring = clean
+        out[2 * n : 3 * n] = _clean_tile(
+            transform,
+            error_sq,
+            out[n : 2 * n],
+            threshold=threshold,
+            remove_isolated=remove_isolated,
+            offsets=offsets,
+            ring=ring,
+            edges=_edges(block_id[-2:], n_blocks),
+        )
     out[3 * n] = new_approx[inside[1:]]
     return out
+
+
+def _edges(block: tuple[int, ...], n_blocks: tuple[int, int]) -> tuple[tuple[bool, bool], ...]:
+    """Per axis (y, x): whether the tile touches the (low, high) map edge."""
+    return tuple((b == 0, b == nb - 1) for b, nb in zip(block, n_blocks, strict=True))
+
+
+def _clean_tile(
+    transform: np.ndarray,
+    error_sq: np.ndarray,
+    error_out: np.ndarray,
+    *,
+    threshold: float,
+    remove_isolated: bool,
+    offsets: tuple[int, int],
+    ring: tuple[bool, bool],
+    edges: tuple[tuple[bool, bool], ...],
+) -> np.ndarray:
+    """Error of the interior (into ``error_out``) and its cleaned significant mask (bool)."""
+    ny, nx = transform.shape[-2:]
+    wide: list[slice] = []
+    pads: list[tuple[int, int]] = []
+    for o, size in zip(offsets, (ny, nx), strict=True):
+        if o >= 1:  # ring pixels are in the tile (halo or periodic pad)
+            wide.append(slice(o - 1, size - o + 1))
+            pads.append((0, 0))
+        else:  # one tile along a non-periodic axis: the ring is beyond the map
+            wide.append(slice(0, size))
+            pads.append((1, 1))
+    region = (slice(None), *wide)
+    error, sig = core.significance(transform[region], error_sq[region])
+    centre = (slice(None), *(slice(None) if pad[0] else slice(1, -1) for pad in pads))
+    error_out[...] = error[centre]
+    mask = np.pad(sig > threshold, ((0, 0), *pads))
+    for ax, (low, high) in enumerate(edges):
+        if pads[ax] != (0, 0) or ring[ax]:
+            continue
+        index: list[Any] = [slice(None)] * 3
+        if low:
+            index[ax + 1] = 0
+            mask[tuple(index)] = False
+        if high:
+            index[ax + 1] = -1
+            mask[tuple(index)] = False
+    if not remove_isolated:
+        return mask[:, 1:-1, 1:-1]
+    return labels._not_isolated(mask)
 
 
 def _tile_approx(
@@ -186,6 +257,11 @@ class TiledStep:
         #: (y, x) chunks of the inputs: the chunks of every state returned.
         self.chunks: tuple[tuple[int, ...], tuple[int, ...]] = source.chunks
         depth = halo_depth(self.kernels)
+        #: cleaning inside the tiles: no island threshold, so no component crosses a tile
+        #: border in a way that matters beyond one pixel; tiles carry one more pixel of halo.
+        self.local_clean = cwt.significance_island_threshold is None
+        if self.local_clean:
+            depth = (depth[0] + 1, depth[1] + 1)
         #: (y, x) chunks the iteration works on: each at least the halo (or the whole axis).
         self.work_chunks = (
             tile_chunks(self.chunks[0], depth[0]),
@@ -207,12 +283,25 @@ class TiledStep:
             "offsets": offsets,
             "wrap_pad": wrap_pad,
         }
+        self._clean_kwargs: dict[str, Any] = {}
+        if self.local_clean:
+            seam = self.wrap and int(data.sizes["x"]) > 2  # see labels.drop_isolated
+            self._clean_kwargs = {
+                "clean": (
+                    float(cwt.significance_threshold),
+                    bool(cwt.remove_isolated),
+                    (False, seam),
+                ),
+                "n_blocks": (len(self.work_chunks[0]), len(self.work_chunks[1])),
+            }
         self._approx_bkg_known = False
 
     def _image(self, array: Any) -> da.Array:
         return da.asarray(array).rechunk(self.work_chunks)
 
-    def _overlapped(self, func: Any, *images: da.Array, planes: int | None) -> da.Array:
+    def _overlapped(
+        self, func: Any, *images: da.Array, planes: int | None, **kwargs: Any
+    ) -> da.Array:
         """``func`` on every tile of ``images`` with its halo; returns the tile interiors."""
         if planes is None:
             chunks, new_axis, meta = self.work_chunks, None, np.empty((0, 0))
@@ -230,6 +319,7 @@ class TiledStep:
             dtype=np.float64,
             meta=meta,
             **self._tile_kwargs,
+            **kwargs,
         )
 
     def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
@@ -250,18 +340,27 @@ class TiledStep:
             self._approx_bkg_known = True
 
         planes = self._overlapped(
-            _tile_iteration, counts, background, model, approx, planes=3 * n + 1
+            _tile_iteration,
+            counts,
+            background,
+            model,
+            approx,
+            planes=3 * n + 1,
+            **self._clean_kwargs,
         )
-        transform, error, sig = planes[:n], planes[n : 2 * n], planes[2 * n : 3 * n]
+        transform, error, third = planes[:n], planes[n : 2 * n], planes[2 * n : 3 * n]
         new_approx = planes[3 * n]
 
-        kept = labels.clean_support(
-            sig,
-            cwt.significance_threshold,
-            remove_isolated=cwt.remove_isolated,
-            island_threshold=cwt.significance_island_threshold,
-            wrap_x=self.wrap,
-        )
+        if self.local_clean:
+            kept = third > 0.5  # the cleaned mask, 0/1, computed in the tiles
+        else:
+            kept = labels.clean_support(
+                third,
+                cwt.significance_threshold,
+                remove_isolated=cwt.remove_isolated,
+                island_threshold=cwt.significance_island_threshold,
+                wrap_x=self.wrap,
+            )
         support = previous_support | kept
         updated = da.map_blocks(
             _tile_update,
