@@ -30,6 +30,8 @@ import dask.array as da
 import numpy as np
 import scipy.fft
 import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from . import core, labels
 from .kernels import CWTKernels
@@ -98,6 +100,87 @@ def _wrap_pad(image: np.ndarray, depth: int) -> np.ndarray:
 def _interior(image: np.ndarray, offsets: tuple[int, int]) -> tuple[slice, slice]:
     (oy, ox), (ny, nx) = offsets, image.shape[-2:]
     return slice(oy, ny - oy), slice(ox, nx - ox)
+
+
+def _pieces(block: np.ndarray, depth: tuple[int, int]) -> dict[tuple[int, int], np.ndarray]:
+    """Copies of the edges of one block that its neighbours need as halo.
+
+    Key ``(sy, sx)``: the piece read by the tile at ``-(sy, sx)`` blocks from this one (rows
+    ``-dy:`` for ``sy = -1``, ``:dy`` for ``+1``, all for 0; columns alike). Copies, not views,
+    so that the block itself is released as soon as its own tile has run.
+    """
+    dy, dx = depth
+    ny, nx = block.shape
+    rows = {-1: slice(ny - dy, ny), 0: slice(None), 1: slice(0, dy)}
+    cols = {-1: slice(nx - dx, nx), 0: slice(None), 1: slice(0, dx)}
+    return {
+        (sy, sx): np.array(block[rows[sy], cols[sx]])
+        for sy in ((-1, 0, 1) if dy else (0,))
+        for sx in ((-1, 0, 1) if dx else (0,))
+        if (sy, sx) != (0, 0)
+    }
+
+
+def _assemble(
+    block: np.ndarray,
+    neighbours: list[list[dict[tuple[int, int], np.ndarray] | None]],
+    depth: tuple[int, int],
+) -> np.ndarray:
+    """One block with its halo from the neighbours' pieces (None: zeros beyond the map)."""
+    dy, dx = depth
+    ny, nx = block.shape
+    sys_ = (-1, 0, 1) if dy else (0,)
+    sxs = (-1, 0, 1) if dx else (0,)
+    size = {-1: (dy, dx), 0: (ny, nx), 1: (dy, dx)}
+    rows = []
+    for a, sy in enumerate(sys_):
+        row = []
+        for b, sx in enumerate(sxs):
+            if (sy, sx) == (0, 0):
+                row.append(block)
+                continue
+            pieces = neighbours[a][b]
+            if pieces is None:
+                row.append(np.zeros((size[sy][0], size[sx][1]), dtype=block.dtype))
+            else:
+                row.append(pieces[(sy, sx)])
+        rows.append(row)
+    return np.block(rows)
+
+
+def _with_halo(image: da.Array, depth: dict[int, int], periodic_x: bool) -> da.Array:
+    """Every block of a 2-D ``image`` with ``depth`` pixels of its neighbours around it.
+
+    Zeros beyond the map, periodic in x with ``periodic_x``; an axis with depth 0 gets no halo.
+    Unlike `dask.array.overlap`, a block's neighbours keep small copies of its edges, not views
+    of it, so a block is held only until its own tile has run (memory bounded by tiles in
+    flight, not by rows of the map).
+    """
+    dy, dx = depth[0], depth[1]
+    token = tokenize(image, dy, dx, periodic_x)
+    pieces_name, name = f"halo-pieces-{token}", f"with-halo-{token}"
+    nby, nbx = image.numblocks
+    dsk: dict[Any, Any] = {}
+    for i, j in np.ndindex(nby, nbx):
+        dsk[(pieces_name, i, j)] = (_pieces, (image.name, i, j), (dy, dx))
+    for i, j in np.ndindex(nby, nbx):
+        neighbours = []
+        for sy in (-1, 0, 1) if dy else (0,):
+            row = []
+            for sx in (-1, 0, 1) if dx else (0,):
+                ii, jj = i + sy, j + sx
+                if periodic_x:
+                    jj %= nbx
+                inside = 0 <= ii < nby and 0 <= jj < nbx
+                row.append((pieces_name, ii, jj) if inside and (sy, sx) != (0, 0) else None)
+            neighbours.append(row)
+        dsk[(name, i, j)] = (_assemble, (image.name, i, j), neighbours, (dy, dx))
+    chunks = tuple(
+        tuple(c + 2 * d for c in axis) if d else axis
+        for axis, d in zip(image.chunks, (dy, dx), strict=True)
+    )
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[image])
+    return da.Array(graph, name, chunks, dtype=image.dtype, meta=np.empty((0, 0), image.dtype))
 
 
 def _tile_iteration(
@@ -307,13 +390,10 @@ class TiledStep:
             chunks, new_axis, meta = self.work_chunks, None, np.empty((0, 0))
         else:
             chunks, new_axis, meta = ((planes,), *self.work_chunks), 0, np.empty((0, 0, 0))
-        return da.map_overlap(
+        periodic = self.boundary[1] == "periodic"
+        return da.map_blocks(
             func,
-            *images,
-            depth=self.depth,
-            boundary=self.boundary,
-            trim=False,
-            allow_rechunk=False,
+            *(_with_halo(image, self.depth, periodic) for image in images),
             chunks=chunks,
             new_axis=new_axis,
             dtype=np.float64,

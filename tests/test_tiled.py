@@ -17,7 +17,7 @@ import cwtflow
 from cwtflow import CWT, CWTKernels
 from cwtflow.maps import default_wcs
 from cwtflow.state import STATE_VARS, initial_state
-from cwtflow.tiled import TiledStep, halo_depth, tile_chunks
+from cwtflow.tiled import TiledStep, _pieces, _with_halo, halo_depth, tile_chunks
 
 KERNELS = CWTKernels(n_scale=2, min_scale=1.0, step_scale=1.5)  # halo 9 pixels
 SMALL_KERNELS = [
@@ -217,6 +217,30 @@ def test_tile_chunks_merge_small_chunks(chunks: tuple[int, ...], depth: int) -> 
     assert set(np.cumsum(merged).tolist()) <= set(np.cumsum(chunks).tolist())
     if min(chunks) >= depth:
         assert merged == chunks
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize(
+    ("chunks", "depth"),
+    [(((5, 7, 6), (4, 9, 8, 5)), {0: 3, 1: 4}), (((18,), (9, 8, 9)), {0: 0, 1: 2})],
+)
+def test_with_halo_equals_dask_overlap(chunks, depth, periodic: bool) -> None:
+    image = np.random.default_rng(3).normal(size=(sum(chunks[0]), sum(chunks[1])))
+    array = da.from_array(image, chunks=chunks)
+    boundary = {0: 0, 1: "periodic" if periodic else 0}
+    expected = da.overlap.overlap(array, depth=depth, boundary=boundary, allow_rechunk=False)
+    actual = _with_halo(array, depth, periodic)
+    assert actual.chunks == expected.chunks
+    np.testing.assert_array_equal(actual.compute(), expected.compute())
+
+
+def test_halo_pieces_are_copies_of_the_edges() -> None:
+    block = np.arange(30.0).reshape(5, 6)
+    pieces = _pieces(block, (2, 3))
+    assert set(pieces) == {(sy, sx) for sy in (-1, 0, 1) for sx in (-1, 0, 1)} - {(0, 0)}
+    np.testing.assert_array_equal(pieces[(-1, 1)], block[3:, :3])
+    np.testing.assert_array_equal(pieces[(1, 0)], block[:2])
+    assert not any(np.shares_memory(piece, block) for piece in pieces.values())
 
 
 # --- laziness and graph structure ----------------------------------------------------------
