@@ -3,16 +3,23 @@
 Each iteration is one lazy dask graph; nothing is computed here (the sink materialises the new
 state and its statistics in one computation). Per iteration:
 
-1. one `dask.array.map_overlap` over C, B, M and A with a halo of `halo_depth` pixels (zeros
-   beyond the map edge; periodic in x for all-sky maps) calls `core.convolve_step` and
-   `core.significance` on each tile and keeps the tile interior: T, E, significance, new A;
-2. support cleaning, a global step, with dask (`cwtflow.labels.clean_support`): components
-   crossing tile borders are joined without gathering the map;
+1. one task per tile over C, B, M and A with a halo of `halo_depth` pixels (zeros beyond the
+   map edge; periodic in x for all-sky maps) calls `core.convolve_step` and
+   `core.significance` and keeps the tile interior: T, E, significance, new A;
+2. support cleaning: with an island threshold a global step with dask
+   (`cwtflow.labels.clean_support`): components crossing tile borders are joined without
+   gathering the map. Without one, only one-pixel components are dropped, which needs one more
+   pixel around the tile: the tiles carry a halo one pixel deeper, and step 1 returns the
+   cleaned mask instead of the significance (no cross-tile dependency after the inputs);
 3. ``S = S_prev | kept`` and `core.update_model` block by block;
 4. residual variance and support size as dask reductions.
 
 ``approx_bkg = conv(B, G)`` is constant: the first call computes it (`core.convolve_approx`
 per tile); later calls take it from the materialised state they are given.
+
+The halo is exchanged by `_with_halo` rather than `dask.array.overlap`: a block's neighbours
+receive small copies of its edges, not views of it, so each input block is released once its
+own tile has run and peak memory is bounded by the tiles in flight, not by rows of the map.
 
 Tile geometry, per axis: an axis cut into several tiles overlaps by the halo (dask pads the map
 edge with zeros, or periodically); an axis that is one tile is not overlapped: its zero
