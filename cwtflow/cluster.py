@@ -83,14 +83,16 @@ def start_local_cluster(
     """
     _check_count("n_workers", n_workers)
     _check_count("threads_per_worker", threads_per_worker)
-    dashboard_address = f"{host}:0" if dashboard else None
+    # the scheduler's HTTP server (health, metrics, dashboard pages) always runs: a free port
+    # of ``host``, never a fixed one that another cluster on the machine may hold
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         processes=True,
         host=host,
         memory_limit=memory_limit,
-        dashboard_address=dashboard_address,
+        dashboard_address=f"{host}:0",
+        scheduler_kwargs={"dashboard": dashboard},
     )
 
 
