@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -230,8 +231,8 @@ class CWT:
         infos: list[IterationInfo] = list(done)
         while len(infos) < self.max_iter and not (infos and infos[-1].converged):
             k = len(infos) + 1
-            new, stats = step(state)
-            state, stats = sink.write(k, new, stats)
+            state = sink.write(k, step(state), independent_tiles=step.independent_tiles)
+            stats = iteration_stats(state)
             previous = infos[-1].residual_variance if infos else None
             info = self._info(k, stats["residual_variance"], previous, stats["support_size"])
             state = sink.complete(k, state, info)
@@ -317,8 +318,11 @@ class _InMemoryStep:
             self.background, self.spectra, workers=cwt.fft_workers
         )
 
-    def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
-        """The state after one more iteration, and its ``residual_variance``/``support_size``."""
+    #: the whole map is one numpy array: no tiles to compute apart
+    independent_tiles = None
+
+    def __call__(self, state: xr.Dataset) -> xr.Dataset:
+        """The state after one more iteration."""
         cwt = self.cwt
         model = state["model"].values
         transform, error_sq, approx = core.convolve_step(
@@ -347,10 +351,6 @@ class _InMemoryStep:
             )
         error = error_sq
         transform_2d, model = core.update_model(model, support, transform)
-        stats = {
-            "residual_variance": _residual_variance(self.counts, model, approx),
-            "support_size": int(np.count_nonzero(np.logical_or.reduce(support, axis=0))),
-        }
         arrays = {
             "counts": self.counts,
             "background": self.background,
@@ -362,7 +362,26 @@ class _InMemoryStep:
             "error": error,
             "support": support,
         }
-        return new_state(state, arrays, cwt.kernels), stats
+        return new_state(state, arrays, cwt.kernels)
+
+
+def iteration_stats(state: xr.Dataset) -> dict[str, Any]:
+    """``residual_variance`` (``var(C - (M + A))``) and ``support_size`` (pixels in the 2-D
+    support) of a state, as Python numbers.
+
+    A numpy-backed state is reduced in place; a dask-backed one (tiles read back from the store
+    or persisted) with dask reductions in one computation, never gathered into one array.
+    """
+    counts, model, approx, support = (
+        state[name].data for name in ("counts", "model", "approx", "support")
+    )
+    if any(isinstance(a, da.Array) for a in (counts, model, approx, support)):
+        residual = da.asarray(counts) - (da.asarray(model) + da.asarray(approx))
+        variance, size = dask.compute(residual.var(), da.asarray(support).any(axis=0).sum())
+    else:
+        variance = _residual_variance(counts, model, approx)
+        size = np.count_nonzero(np.logical_or.reduce(support, axis=0))
+    return {"residual_variance": float(variance), "support_size": int(size)}
 
 
 def _residual_variance(counts: np.ndarray, model: np.ndarray, approx: np.ndarray) -> float:
@@ -382,8 +401,8 @@ def _residual_variance(counts: np.ndarray, model: np.ndarray, approx: np.ndarray
 class _MemorySink:
     """Where iterations go without a store: kept in memory (all of them with ``keep``).
 
-    A lazy (tiled) state is persisted with its stats in one compute, so the task graph of the
-    next iteration starts from materialised chunks instead of growing with the iterations.
+    A lazy (tiled) state is persisted, so the task graph of the next iteration starts from
+    materialised chunks instead of growing with the iterations.
     """
 
     def __init__(self, *, keep: bool) -> None:
@@ -398,14 +417,11 @@ class _MemorySink:
             self.history.append(state)
         return state, []
 
-    def write(
-        self, k: int, state: xr.Dataset, stats: dict[str, Any]
-    ) -> tuple[xr.Dataset, dict[str, Any]]:
-        """Materialise iteration ``k``; returns the state to continue from and concrete stats."""
+    def write(self, k: int, state: xr.Dataset, *, independent_tiles: Any = None) -> xr.Dataset:
+        """Materialise iteration ``k``; returns the state to continue from."""
         if _is_lazy(state):
-            state, stats = dask.persist(state, stats)
-            (stats,) = dask.compute(stats)
-        return state, {name: np.asarray(v).item() for name, v in stats.items()}
+            (state,) = dask.persist(state)
+        return state
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` done: its attrs record ``info``."""

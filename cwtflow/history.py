@@ -29,8 +29,9 @@ lists the statistics of every iteration. The root ``status`` (``running``, ``con
 ``max_iter reached``) is informational: the markers are authoritative.
 
 Each iteration's state is read back lazily from the store, so the dask graph of the next
-iteration starts from stored chunks and does not grow with the number of iterations; the
-residual variance and support size are computed in the same ``dask.compute`` as the write.
+iteration starts from stored chunks and does not grow with the number of iterations. A tiled
+iteration whose tiles are independent is written in batches of tiles (`tile_batches`), each its
+own computation, so that peak memory is set by the tile size, not by the map size.
 
 Resuming checks that the store was written by this cwtflow version and format, with the same
 parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and a block-wise
@@ -41,6 +42,7 @@ checksum of counts/background/exposure), and that its metadata is intact; anythi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -55,6 +57,8 @@ import xarray as xr
 import zarr
 from astropy.table import Table
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY
+from dask.base import get_scheduler
+from dask.system import CPU_COUNT
 
 from .analysis import difference as _difference
 from .analysis import images as _images
@@ -383,20 +387,31 @@ class ZarrSink:
             shutil.rmtree(self.path)
         self._create()
         self._write_inputs()
-        self._write_group(0, state, {})
+        self._write_group(0, state)
         self._mark(0, {"iteration": 0, "table": []})
         return self._open_state(0), []
 
     def write(
-        self, k: int, state: xr.Dataset, stats: dict[str, Any]
-    ) -> tuple[xr.Dataset, dict[str, Any]]:
-        """Store iteration ``k`` (not yet complete); the state read back and concrete stats."""
+        self,
+        k: int,
+        state: xr.Dataset,
+        *,
+        independent_tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> xr.Dataset:
+        """Store iteration ``k`` (not yet complete); returns the state read back from the store.
+
+        ``independent_tiles``: (y, x) chunks of tiles of a lazy ``state`` that are each
+        computable on their own (`cwtflow.tiled.TiledStep.independent_tiles`); the state is
+        then computed and written in groups of these tiles (`tile_batches`) one after the
+        other, unless a distributed scheduler runs the computation.
+        """
         name = _group_name(k)
         if _is_complete(_open_group(self.path, name)):
             raise StoreError(f"{self.path}: iteration {k} is already complete; not overwriting it")
         _delete_group(self.path, name)
-        stats = self._write_group(k, state, stats)
-        return self._open_state(k), {key: np.asarray(v).item() for key, v in stats.items()}
+        tiles = None if _distributed() else independent_tiles
+        self._write_group(k, state, tiles=tiles)
+        return self._open_state(k)
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` complete with ``info``; prune older groups without history."""
@@ -504,23 +519,31 @@ class ZarrSink:
         group = zarr.open_group(str(self.path), path="inputs", mode="r+")
         group.attrs.update({"checksums": checksums, COMPLETE: True})
 
-    def _write_group(self, k: int, state: xr.Dataset, stats: dict[str, Any]) -> dict[str, Any]:
-        """Write the non-input variables of ``state`` as group ``k``; returns concrete stats."""
+    def _write_group(
+        self, k: int, state: xr.Dataset, *, tiles: tuple[tuple[int, ...], ...] | None = None
+    ) -> None:
+        """Write the non-input variables of ``state`` as group ``k``.
+
+        With ``tiles`` ((y, x) chunks of independent tiles): create the group, then compute
+        and write it one group of tiles (`tile_batches`) at a time, so that memory holds the
+        tiles of one batch, not a front of tiles that grows with the map (dask's static
+        ordering of a halo graph reads far ahead).
+        """
         ds = state[list(ITERATION_VARS)].drop_vars(
             [c for c in state.coords if c != "scale"], errors="ignore"
         )
         ds = self._rechunk(ds.drop_encoding())
         ds.attrs = {"iteration": k}
-        write = ds.to_zarr(
-            str(self.path),
-            group=_group_name(k),
-            mode="w-",
-            consolidated=False,
-            compute=False,
-            encoding=self._encoding(ds),
-        )
-        _, stats = dask.compute(write, stats)
-        return stats
+        target = {"store": str(self.path), "group": _group_name(k), "consolidated": False}
+        batches = tile_batches(tiles, self.chunks) if tiles is not None else []
+        if len(batches) <= 1:
+            ds.to_zarr(**target, mode="w-", encoding=self._encoding(ds))
+            return
+        # metadata, attrs and the in-memory scale coordinate now; the chunks batch by batch
+        ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+        body = ds.drop_vars("scale", errors="ignore")
+        for region in batches:
+            body.isel(region).to_zarr(**target, mode="r+", region=region)
 
     def _mark(self, k: int, attrs: dict[str, Any]) -> None:
         group = zarr.open_group(str(self.path), path=_group_name(k), mode="r+")
@@ -595,6 +618,47 @@ class ZarrSink:
 
 def _has_content(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
+
+
+def tile_batches(
+    tiles: tuple[tuple[int, ...], tuple[int, ...]],
+    align: tuple[int, int] = (1, 1),
+    *,
+    threads: int | None = None,
+) -> list[dict[str, slice]]:
+    """Regions of about ``side x side`` tiles covering a map, row by row: the groups of tiles
+    a batched write computes one after the other.
+
+    ``tiles`` are the (y, x) chunks of the tiles; region edges are tile edges that are also
+    multiples of ``align`` (the store's chunks, so that no two regions write one zarr chunk).
+    ``side`` is the smallest integer with ``side**2 >= 4 * threads`` and at least 4 (16 tiles
+    on a 2-core machine): enough tiles to keep every thread busy, few enough that memory holds
+    a fixed number of tiles. ``threads`` defaults to the local scheduler's (dask's
+    ``num_workers`` setting, else the CPU count).
+    """
+    if threads is None:
+        threads = dask.config.get("num_workers", None) or CPU_COUNT
+    side = max(4, math.isqrt(4 * threads - 1) + 1)
+    ys, xs = (_batch_edges(axis, step, side) for axis, step in zip(tiles, align, strict=True))
+    return [
+        {"y": slice(y0, y1), "x": slice(x0, x1)}
+        for y0, y1 in itertools.pairwise(ys)
+        for x0, x1 in itertools.pairwise(xs)
+    ]
+
+
+def _batch_edges(chunks: tuple[int, ...], align: int, side: int) -> list[int]:
+    """Every ``side``-th tile edge along one axis that is a multiple of ``align``, with the
+    axis ends."""
+    edges = [int(e) for e in np.cumsum(chunks)[:-1] if e % align == 0]
+    return [0, *edges[side - 1 :: side], int(sum(chunks))]
+
+
+def _distributed() -> bool:
+    """Whether dask computations currently run on a distributed scheduler."""
+    get = get_scheduler()
+    owner = getattr(get, "__self__", None)
+    return type(owner).__module__.startswith("distributed")
 
 
 def _store_chunks(data: xr.Dataset) -> tuple[int, int]:

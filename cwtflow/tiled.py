@@ -1,7 +1,7 @@
 """One CWT iteration tile by tile: dask orchestration of the numpy core (`cwtflow.core`).
 
 Each iteration is one lazy dask graph; nothing is computed here (the sink materialises the new
-state and its statistics in one computation). Per iteration:
+state; the engine reduces its statistics from what the sink returns). Per iteration:
 
 1. one task per tile over C, B, M and A with a halo of `halo_depth` pixels (zeros beyond the
    map edge; periodic in x for all-sky maps) calls `core.convolve_step` and
@@ -11,15 +11,18 @@ state and its statistics in one computation). Per iteration:
    gathering the map. Without one, only one-pixel components are dropped, which needs one more
    pixel around the tile: the tiles carry a halo one pixel deeper, and step 1 returns the
    cleaned mask instead of the significance (no cross-tile dependency after the inputs);
-3. ``S = S_prev | kept`` and `core.update_model` block by block;
-4. residual variance and support size as dask reductions.
+3. ``S = S_prev | kept`` and `core.update_model` block by block.
+
+Without an island threshold no tile of the new state depends on another tile's result (only on
+its neighbours' inputs): `TiledStep.independent_tiles` gives these tiles, so that a store can
+write the new state a group of tiles at a time.
 
 ``approx_bkg = conv(B, G)`` is constant: the first call computes it (`core.convolve_approx`
 per tile); later calls take it from the materialised state they are given.
 
-The halo is exchanged by `_with_halo` rather than `dask.array.overlap`: a block's neighbours
-receive small copies of its edges, not views of it, so each input block is released once its
-own tile has run and peak memory is bounded by the tiles in flight, not by rows of the map.
+The halo is exchanged by `_halo_graph` rather than `dask.array.overlap`: a block's neighbours
+receive small copies of its edges, not views of it, and each tile task assembles its own halo
+(`_overlapped_tiles`), so no halo-sized copy of a tile waits between tasks.
 
 Tile geometry, per axis: an axis cut into several tiles overlaps by the halo (dask pads the map
 edge with zeros, or periodically); an axis that is one tile is not overlapped: its zero
@@ -30,6 +33,7 @@ one set of kernel spectra serves all tiles (`core.kernel_spectra` caches it per 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +43,7 @@ import scipy.fft
 import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
+from dask.utils import apply, funcname
 
 from . import core, labels
 from .kernels import CWTKernels
@@ -155,21 +160,23 @@ def _assemble(
     return np.block(rows)
 
 
-def _with_halo(image: da.Array, depth: dict[int, int], periodic_x: bool) -> da.Array:
-    """Every block of a 2-D ``image`` with ``depth`` pixels of its neighbours around it.
+def _halo_graph(
+    image: da.Array, depth: tuple[int, int], periodic_x: bool
+) -> tuple[dict[Any, Any], dict[tuple[int, int], tuple[Any, list[list[Any]]]]]:
+    """The halo exchange of a 2-D ``image``: its pieces tasks and, per block, what to assemble.
 
-    Zeros beyond the map, periodic in x with ``periodic_x``; an axis with depth 0 gets no halo.
-    Unlike `dask.array.overlap`, a block's neighbours keep small copies of its edges, not views
-    of it, so a block is held only until its own tile has run (memory bounded by tiles in
-    flight, not by rows of the map).
+    Returns ``(dsk, sources)``: ``dsk`` holds one `_pieces` task per block; ``sources[i, j]``
+    is ``(block key, neighbours)`` with ``neighbours`` the 3 x 3 (or 1 x 3, 3 x 1) grid of
+    `_assemble`'s argument as task keys (None beyond the map; periodic in x with
+    ``periodic_x``). An axis of depth 0 gets no halo.
     """
-    dy, dx = depth[0], depth[1]
-    token = tokenize(image, dy, dx, periodic_x)
-    pieces_name, name = f"halo-pieces-{token}", f"with-halo-{token}"
+    dy, dx = depth
+    pieces_name = f"halo-pieces-{tokenize(image, dy, dx, periodic_x)}"
     nby, nbx = image.numblocks
     dsk: dict[Any, Any] = {}
+    sources: dict[tuple[int, int], tuple[Any, list[list[Any]]]] = {}
     for i, j in np.ndindex(nby, nbx):
-        dsk[(pieces_name, i, j)] = (_pieces, (image.name, i, j), (dy, dx))
+        dsk[(pieces_name, i, j)] = (_pieces, (image.name, i, j), depth)
     for i, j in np.ndindex(nby, nbx):
         neighbours = []
         for sy in (-1, 0, 1) if dy else (0,):
@@ -181,13 +188,82 @@ def _with_halo(image: da.Array, depth: dict[int, int], periodic_x: bool) -> da.A
                 inside = 0 <= ii < nby and 0 <= jj < nbx
                 row.append((pieces_name, ii, jj) if inside and (sy, sx) != (0, 0) else None)
             neighbours.append(row)
-        dsk[(name, i, j)] = (_assemble, (image.name, i, j), neighbours, (dy, dx))
-    chunks = tuple(
+        sources[(i, j)] = ((image.name, i, j), neighbours)
+    return dsk, sources
+
+
+def _halo_chunks(image: da.Array, depth: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
+    return tuple(
         tuple(c + 2 * d for c in axis) if d else axis
-        for axis, d in zip(image.chunks, (dy, dx), strict=True)
+        for axis, d in zip(image.chunks, depth, strict=True)
     )
+
+
+def _with_halo(image: da.Array, depth: dict[int, int], periodic_x: bool) -> da.Array:
+    """Every block of a 2-D ``image`` with ``depth`` pixels of its neighbours around it.
+
+    Zeros beyond the map, periodic in x with ``periodic_x``; an axis with depth 0 gets no halo.
+    The same exchange as `dask.array.overlap`, built by `_halo_graph`; the tiled iteration
+    assembles the halo inside its tile tasks instead (`_overlapped_tiles`).
+    """
+    halo = (depth[0], depth[1])
+    dsk, sources = _halo_graph(image, halo, periodic_x)
+    name = f"with-halo-{tokenize(image, halo, periodic_x)}"
+    for (i, j), (block, neighbours) in sources.items():
+        dsk[(name, i, j)] = (_assemble, block, neighbours, halo)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[image])
+    chunks = _halo_chunks(image, halo)
     return da.Array(graph, name, chunks, dtype=image.dtype, meta=np.empty((0, 0), image.dtype))
+
+
+def _run_tile(
+    func: Any, blocks: list[Any], neighbours: list[Any], depth: tuple[int, int], **kwargs: Any
+) -> np.ndarray:
+    """``func`` on the tiles (block plus halo) assembled from each image's block and pieces."""
+    tiles = [_assemble(b, n, depth) for b, n in zip(blocks, neighbours, strict=True)]
+    return func(*tiles, **kwargs)
+
+
+def _overlapped_tiles(
+    func: Any,
+    images: Sequence[da.Array],
+    depth: tuple[int, int],
+    periodic_x: bool,
+    *,
+    planes: int | None,
+    block_id: bool = False,
+    **kwargs: Any,
+) -> da.Array:
+    """``func(*tiles, **kwargs)`` per block of ``images`` (same chunks), each tile with its halo.
+
+    One task per tile, which assembles the tiles from the block and its neighbours' pieces
+    itself: no tile-sized intermediate waits in memory between tasks, and dask's ordering sees
+    one task per tile consuming the inputs. ``func`` returns a (``planes``, ty, tx) array (or
+    (ty, tx) with ``planes=None``) of the tile interiors; with ``block_id`` it also receives
+    ``block_id=(0, i, j)`` (or ``(i, j)``).
+    """
+    graphs = [_halo_graph(image, depth, periodic_x) for image in images]
+    dsk: dict[Any, Any] = {}
+    for part, _ in graphs:
+        dsk.update(part)
+    name = (
+        f"{funcname(func).strip('_')}-{tokenize(func, *images, depth, periodic_x, planes, kwargs)}"
+    )
+    first = images[0]
+    for i, j in np.ndindex(*first.numblocks):
+        blocks = [sources[(i, j)][0] for _, sources in graphs]
+        neighbours = [sources[(i, j)][1] for _, sources in graphs]
+        extra = dict(kwargs)
+        if block_id:
+            extra["block_id"] = (i, j) if planes is None else (0, i, j)
+        task = (apply, _run_tile, [func, blocks, neighbours, depth], extra)
+        dsk[(name, i, j) if planes is None else (name, 0, i, j)] = task
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(images))
+    if planes is None:
+        chunks, meta = first.chunks, np.empty((0, 0))
+    else:
+        chunks, meta = ((planes,), *first.chunks), np.empty((0, 0, 0))
+    return da.Array(graph, name, chunks, dtype=np.float64, meta=meta)
 
 
 def _tile_iteration(
@@ -328,10 +404,9 @@ class TiledStep:
 
     Notes
     -----
-    ``step(state) -> (new_state, stats)``: ``state`` holds the `cwtflow.state.STATE_VARS`
-    (numpy or dask, any chunks); ``new_state`` is lazy with (y, x) chunks of ``data`` and the
-    scale axis one chunk; ``stats`` maps ``residual_variance`` and ``support_size`` to lazy 0-d
-    dask arrays. Building the graph computes nothing.
+    ``step(state) -> new_state``: ``state`` holds the `cwtflow.state.STATE_VARS` (numpy or
+    dask, any chunks); ``new_state`` is lazy with (y, x) chunks of ``data`` and the scale axis
+    one chunk. Building the graph computes nothing.
     """
 
     def __init__(self, cwt: CWT, data: xr.Dataset, wrap: bool) -> None:
@@ -357,6 +432,10 @@ class TiledStep:
             tile_chunks(self.chunks[0], depth[0]),
             tile_chunks(self.chunks[1], depth[1]),
         )
+        #: (y, x) chunks of tiles of a new state computable each on its own (from its
+        #: neighbours' inputs, no global step), or None with an island threshold: then any
+        #: group of these tiles can be computed (and stored) alone.
+        self.independent_tiles = self.work_chunks if self.local_clean else None
         split = tuple(len(c) > 1 for c in self.work_chunks)
         #: halo dask adds around each tile, per axis (none on an axis that is one tile).
         self.depth = {ax: depth[ax] if split[ax] else 0 for ax in (0, 1)}
@@ -383,6 +462,7 @@ class TiledStep:
                     (False, seam),
                 ),
                 "n_blocks": (len(self.work_chunks[0]), len(self.work_chunks[1])),
+                "block_id": True,
             }
         self._approx_bkg_known = False
 
@@ -393,24 +473,18 @@ class TiledStep:
         self, func: Any, *images: da.Array, planes: int | None, **kwargs: Any
     ) -> da.Array:
         """``func`` on every tile of ``images`` with its halo; returns the tile interiors."""
-        if planes is None:
-            chunks, new_axis, meta = self.work_chunks, None, np.empty((0, 0))
-        else:
-            chunks, new_axis, meta = ((planes,), *self.work_chunks), 0, np.empty((0, 0, 0))
-        periodic = self.boundary[1] == "periodic"
-        return da.map_blocks(
+        return _overlapped_tiles(
             func,
-            *(_with_halo(image, self.depth, periodic) for image in images),
-            chunks=chunks,
-            new_axis=new_axis,
-            dtype=np.float64,
-            meta=meta,
+            images,
+            (self.depth[0], self.depth[1]),
+            self.boundary[1] == "periodic",
+            planes=planes,
             **self._tile_kwargs,
             **kwargs,
         )
 
-    def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
-        """The lazy state after one more iteration, and its lazy statistics."""
+    def __call__(self, state: xr.Dataset) -> xr.Dataset:
+        """The lazy state after one more iteration."""
         cwt, n = self.cwt, self.kernels.n_scale
         counts, background, model, approx = (
             self._image(state[name].data) for name in ("counts", "background", "model", "approx")
@@ -460,15 +534,10 @@ class TiledStep:
         )
         transform_2d, new_model = updated[0], updated[1]
 
-        residual = counts - (new_model + new_approx)
-        stats = {
-            "residual_variance": residual.var(),
-            "support_size": support.any(axis=0).sum(),
-        }
         images = {"model": new_model, "approx": new_approx, "transform_2d": transform_2d}
         if approx_bkg is not None:
             images["approx_bkg"] = approx_bkg
         cubes = {"transform_3d": transform, "error": error, "support": support}
         arrays = {name: a.rechunk(self.chunks) for name, a in (unchanged | images).items()}
         arrays |= {name: a.rechunk(((n,), *self.chunks)) for name, a in cubes.items()}
-        return new_state(state, arrays, self.kernels), stats
+        return new_state(state, arrays, self.kernels)

@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from dask.callbacks import Callback
+from dask.utils import key_split
 
 import cwtflow
-from cwtflow.history import COMPLETE, ZarrSink, open_history, read_result
+from cwtflow.engine import iteration_stats
+from cwtflow.history import COMPLETE, ZarrSink, open_history, read_result, tile_batches
 from cwtflow.state import STATE_VARS, VARIABLES, initial_state
 
 KERNELS = cwtflow.CWTKernels(2, 2.0, 2.0)
@@ -211,8 +214,9 @@ def test_open_history_refuses_non_stores(tmp_path):
 
 
 def test_sink_writes_dask_state_in_one_compute(tmp_path, maps, reference):
-    """Lazy inputs: store chunks are the tiles, stats are computed with the write, and the state
-    read back has a graph of loads only (it does not grow with the iterations)."""
+    """Lazy inputs: store chunks are the tiles, one compute writes an iteration, the stats
+    reduced from the state read back equal the run's, and that state has a graph of loads only
+    (it does not grow with the iterations)."""
     lazy = cwtflow.validate_maps(maps.chunk({"y": 16, "x": 20}))
     cwt = make_cwt()
     sink = ZarrSink(tmp_path / "run.zarr", cwt, lazy)
@@ -228,18 +232,15 @@ def test_sink_writes_dask_state_in_one_compute(tmp_path, maps, reference):
     sizes = []
     for k, ref in enumerate(reference[1][1:], start=1):
         new = ref.chunk({"y": 12, "x": 11})  # other tiles: the sink rechunks to the store's
-        residual = new["counts"] - new["model"] - new["approx"]
-        stats = {
-            "residual_variance": residual.data.var(),
-            "support_size": new["support"].any("scale").sum().data,
-        }
         with dask.config.set(scheduler=counting):
-            state, concrete = sink.write(k, new, stats)
-        assert len(computes) == k
+            state = sink.write(k, new)
+            assert len(computes) == 2 * k - 1
+            stats = iteration_stats(state)
+            assert len(computes) == 2 * k
         variance = reference[0].attrs["residual_variance"][k - 1]
-        assert concrete["residual_variance"] == pytest.approx(variance, rel=1e-12)
-        assert concrete["support_size"] == int(ref["support"].any("scale").sum())
-        info = cwtflow.IterationInfo(k, concrete["residual_variance"], np.nan, False, 0)
+        assert stats["residual_variance"] == pytest.approx(variance, rel=1e-12)
+        assert stats["support_size"] == int(ref["support"].any("scale").sum())
+        info = cwtflow.IterationInfo(k, stats["residual_variance"], np.nan, False, 0)
         state = sink.complete(k, state, info)
         sizes.append(len(dict(state.__dask_graph__())))
         assert state["transform_3d"].chunks == ((2,), (16, 16, 4), (20, 20, 4))
@@ -475,6 +476,58 @@ def test_input_checksum_does_not_depend_on_tiles(tmp_path, maps):
         sink.start(initial_state(changed, KERNELS))
 
 
+def test_tile_batches_cover_the_map_on_aligned_tile_edges() -> None:
+    tiles = ((8,) * 9, (10, 10, 10, 10, 10, 12))
+    batches = tile_batches(tiles, (8, 10), threads=2)
+    assert [(b["y"], b["x"]) for b in batches[:2]] == [
+        (slice(0, 32), slice(0, 40)),
+        (slice(0, 32), slice(40, 62)),
+    ]
+    # edges only where a tile edge is a multiple of the store chunk: here 12 and 24 of 6-tiles
+    misaligned = tile_batches(((6,) * 8, (4,)), (4, 4), threads=1)
+    assert [b["y"] for b in misaligned] == [slice(0, 48)]
+    assert [b["y"] for b in tile_batches(((6,) * 16, (4,)), (4, 4))] == [
+        slice(0, 48),
+        slice(48, 96),
+    ]
+    covered = np.zeros((72, 62), int)
+    for b in batches:
+        covered[b["y"], b["x"]] += 1
+    assert (covered == 1).all()
+    # 4 tiles a side up to 4 threads, then enough for 4 tiles per thread
+    assert len(tile_batches(((1,) * 16, (1,) * 16), threads=4)) == 16
+    assert len(tile_batches(((1,) * 16, (1,) * 16), threads=16)) == 4
+
+
+def test_tiled_run_writes_one_batch_of_tiles_per_compute(tmp_path, random_maps):
+    """Independent tiles (no island threshold): each computation of an iteration runs the
+    convolutions of one batch of tiles only, and the stored result equals the in-memory run."""
+
+    class TileTasks(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.per_compute: list[int] = []
+
+        def _start(self, dsk) -> None:
+            self.per_compute.append(0)
+
+        def _posttask(self, key, result, dsk, state, worker_id) -> None:
+            if key_split(key) == "tile_iteration":
+                self.per_compute[-1] += 1
+
+    maps = random_maps(5, (45, 44))
+    small = cwtflow.CWTKernels(1, 1.0, 2.0)  # halo 8 (+1 for the cleaning): tiles of 9 x 11
+    cwt = cwtflow.CWT(small, max_iter=2, tol=0.0)
+    expected = cwt.analyze(maps)
+    recorder = TileTasks()
+    with recorder, dask.config.set(scheduler="threads", num_workers=1):
+        result = cwt.analyze(maps, chunks=(9, 11), store=tmp_path / "run.zarr")
+    runs = [n for n in recorder.per_compute if n]
+    # 5 x 4 tiles: per iteration a batch of 4 x 4 tiles, then one of 1 x 4
+    assert runs == [16, 4, 16, 4]
+    assert_same_state(result, expected, rtol=1e-10)
+
+
 # --- tiled runs through the store ---------------------------------------------------------------
 
 
@@ -484,9 +537,9 @@ def test_tiled_run_through_store(tmp_path, maps, reference, monkeypatch):
     graph_sizes = []
     original = ZarrSink.write
 
-    def write(self, k, state, stats):
+    def write(self, k, state, **kwargs):
         graph_sizes.append(len(dict(state.__dask_graph__())))
-        return original(self, k, state, stats)
+        return original(self, k, state, **kwargs)
 
     monkeypatch.setattr(ZarrSink, "write", write)
     path = tmp_path / "run.zarr"
