@@ -27,11 +27,13 @@ from .kernels import CWTKernels
 __all__ = [
     "KernelSpectra",
     "clean_support",
+    "combine_moments",
     "component_keep",
     "convolve_step",
     "fft_shape",
     "image_spectra",
     "kernel_spectra",
+    "residual_moments",
     "significance",
     "update_model",
 ]
@@ -381,3 +383,43 @@ def update_model(
     new_model = np.maximum(transform_2d, 0.0)
     new_model += model
     return transform_2d, new_model
+
+
+#: Fields of the last axis of `residual_moments`.
+MOMENTS = ("pixels", "mean", "m2", "support")
+
+
+def residual_moments(
+    counts: np.ndarray, model: np.ndarray, approx: np.ndarray, support: np.ndarray
+) -> np.ndarray:
+    """Convergence statistics of one tile (or map), mergeable over tiles: shape (4,).
+
+    ``[n, mean, M2, s]`` of the residual ``r = C - (M + A)``: pixel count, mean, sum of squared
+    deviations from that mean (two passes, as `numpy.var`), and the pixels in the 2-D support
+    (``support`` is (n_scale, ny, nx), bool). `combine_moments` merges them.
+    """
+    residual = np.empty(counts.shape)
+    blocks = _row_blocks(*counts.shape)
+    for r in blocks:
+        np.add(model[r], approx[r], out=residual[r])
+        np.subtract(counts[r], residual[r], out=residual[r])
+    mean = residual.mean()
+    for r in blocks:
+        residual[r] -= mean
+        np.multiply(residual[r], residual[r], out=residual[r])
+    size = np.count_nonzero(np.logical_or.reduce(support, axis=0))
+    return np.array([residual.size, mean, residual.sum(), size], dtype=np.float64)
+
+
+def combine_moments(moments: np.ndarray) -> tuple[float, int]:
+    """Residual variance and support size from `residual_moments` of disjoint tiles.
+
+    ``moments`` has shape (..., 4). The variance is ``M2 / n`` of the union, with ``M2 = sum
+    M2_i + sum n_i (mean_i - mean)**2`` (Chan et al.'s pairwise update, in closed form).
+    """
+    flat = np.asarray(moments, dtype=np.float64).reshape(-1, len(MOMENTS))
+    n, means, m2, size = flat.T
+    total = n.sum()
+    mean = (n * means).sum() / total
+    spread = m2.sum() + (n * (means - mean) ** 2).sum()
+    return float(spread / total), int(size.sum())

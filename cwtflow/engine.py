@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -231,10 +230,11 @@ class CWT:
         infos: list[IterationInfo] = list(done)
         while len(infos) < self.max_iter and not (infos and infos[-1].converged):
             k = len(infos) + 1
-            state = sink.write(k, step(state), independent_tiles=step.independent_tiles)
-            stats = iteration_stats(state)
+            new, moments = step(state)
+            state, moments = sink.write(k, new, moments, independent_tiles=step.independent_tiles)
+            variance, support_size = core.combine_moments(moments)
             previous = infos[-1].residual_variance if infos else None
-            info = self._info(k, stats["residual_variance"], previous, stats["support_size"])
+            info = self._info(k, variance, previous, support_size)
             state = sink.complete(k, state, info)
             infos.append(info)
             if callback is not None:
@@ -321,8 +321,8 @@ class _InMemoryStep:
     #: the whole map is one numpy array: no tiles to compute apart
     independent_tiles = None
 
-    def __call__(self, state: xr.Dataset) -> xr.Dataset:
-        """The state after one more iteration."""
+    def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, np.ndarray]:
+        """The state after one more iteration and its `core.residual_moments`, shape (4,)."""
         cwt = self.cwt
         model = state["model"].values
         transform, error_sq, approx = core.convolve_step(
@@ -362,40 +362,8 @@ class _InMemoryStep:
             "error": error,
             "support": support,
         }
-        return new_state(state, arrays, cwt.kernels)
-
-
-def iteration_stats(state: xr.Dataset) -> dict[str, Any]:
-    """``residual_variance`` (``var(C - (M + A))``) and ``support_size`` (pixels in the 2-D
-    support) of a state, as Python numbers.
-
-    A numpy-backed state is reduced in place; a dask-backed one (tiles read back from the store
-    or persisted) with dask reductions in one computation, never gathered into one array.
-    """
-    counts, model, approx, support = (
-        state[name].data for name in ("counts", "model", "approx", "support")
-    )
-    if any(isinstance(a, da.Array) for a in (counts, model, approx, support)):
-        residual = da.asarray(counts) - (da.asarray(model) + da.asarray(approx))
-        variance, size = dask.compute(residual.var(), da.asarray(support).any(axis=0).sum())
-    else:
-        variance = _residual_variance(counts, model, approx)
-        size = np.count_nonzero(np.logical_or.reduce(support, axis=0))
-    return {"residual_variance": float(variance), "support_size": int(size)}
-
-
-def _residual_variance(counts: np.ndarray, model: np.ndarray, approx: np.ndarray) -> float:
-    """``var(C - (M + A))`` as ``numpy.var`` computes it, in one scratch image."""
-    residual = np.empty(counts.shape)
-    blocks = core._row_blocks(*counts.shape)
-    for r in blocks:
-        np.add(model[r], approx[r], out=residual[r])
-        np.subtract(counts[r], residual[r], out=residual[r])
-    mean = residual.mean()
-    for r in blocks:
-        residual[r] -= mean
-        np.multiply(residual[r], residual[r], out=residual[r])
-    return float(residual.mean())
+        moments = core.residual_moments(self.counts, model, approx, support)
+        return new_state(state, arrays, cwt.kernels), moments
 
 
 class _MemorySink:
@@ -417,11 +385,14 @@ class _MemorySink:
             self.history.append(state)
         return state, []
 
-    def write(self, k: int, state: xr.Dataset, *, independent_tiles: Any = None) -> xr.Dataset:
-        """Materialise iteration ``k``; returns the state to continue from."""
+    def write(
+        self, k: int, state: xr.Dataset, moments: Any, *, independent_tiles: Any = None
+    ) -> tuple[xr.Dataset, np.ndarray]:
+        """Materialise iteration ``k`` and its ``moments`` (`core.residual_moments`, of the
+        map or per tile); returns the state to continue from and the moments as numpy."""
         if _is_lazy(state):
-            (state,) = dask.persist(state)
-        return state
+            state, moments = dask.persist(state, moments)
+        return state, np.asarray(dask.compute(moments)[0])
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` done: its attrs record ``info``."""

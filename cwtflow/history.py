@@ -395,23 +395,27 @@ class ZarrSink:
         self,
         k: int,
         state: xr.Dataset,
+        moments: Any,
         *,
         independent_tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-    ) -> xr.Dataset:
-        """Store iteration ``k`` (not yet complete); returns the state read back from the store.
+    ) -> tuple[xr.Dataset, np.ndarray]:
+        """Store iteration ``k`` (not yet complete) and compute its ``moments``.
 
-        ``independent_tiles``: (y, x) chunks of tiles of a lazy ``state`` that are each
-        computable on their own (`cwtflow.tiled.TiledStep.independent_tiles`); the state is
-        then computed and written in groups of these tiles (`tile_batches`) one after the
+        ``moments``: `cwtflow.core.residual_moments` of the map, or a dask array of them per
+        tile (n_tiles_y, n_tiles_x, 4). ``independent_tiles``: (y, x) chunks of these tiles
+        when each is computable on its own (`cwtflow.tiled.TiledStep.independent_tiles`); the
+        state is then computed and written in groups of tiles (`tile_batches`) one after the
         other, unless a distributed scheduler runs the computation.
+
+        Returns the state read back from the store and the moments as numpy.
         """
         name = _group_name(k)
         if _is_complete(_open_group(self.path, name)):
             raise StoreError(f"{self.path}: iteration {k} is already complete; not overwriting it")
         _delete_group(self.path, name)
         tiles = None if _distributed() else independent_tiles
-        self._write_group(k, state, tiles=tiles)
-        return self._open_state(k)
+        moments = self._write_group(k, state, moments, tiles=tiles)
+        return self._open_state(k), moments
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` complete with ``info``; prune older groups without history."""
@@ -520,14 +524,21 @@ class ZarrSink:
         group.attrs.update({"checksums": checksums, COMPLETE: True})
 
     def _write_group(
-        self, k: int, state: xr.Dataset, *, tiles: tuple[tuple[int, ...], ...] | None = None
-    ) -> None:
-        """Write the non-input variables of ``state`` as group ``k``.
+        self,
+        k: int,
+        state: xr.Dataset,
+        moments: Any = None,
+        *,
+        tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> np.ndarray | None:
+        """Write the non-input variables of ``state`` as group ``k``; returns ``moments``
+        computed with the write (numpy).
 
-        With ``tiles`` ((y, x) chunks of independent tiles): create the group, then compute
-        and write it one group of tiles (`tile_batches`) at a time, so that memory holds the
-        tiles of one batch, not a front of tiles that grows with the map (dask's static
-        ordering of a halo graph reads far ahead).
+        With ``tiles`` ((y, x) chunks of independent tiles, the chunks of a dask ``moments``):
+        create the group, then compute and write it one group of tiles (`tile_batches`) at a
+        time with those tiles' moments, so that memory holds the tiles of one batch, not a
+        front of tiles that grows with the map (dask's static ordering of a halo graph reads
+        far ahead).
         """
         ds = state[list(ITERATION_VARS)].drop_vars(
             [c for c in state.coords if c != "scale"], errors="ignore"
@@ -537,13 +548,22 @@ class ZarrSink:
         target = {"store": str(self.path), "group": _group_name(k), "consolidated": False}
         batches = tile_batches(tiles, self.chunks) if tiles is not None else []
         if len(batches) <= 1:
-            ds.to_zarr(**target, mode="w-", encoding=self._encoding(ds))
-            return
+            write = ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+            _, moments = dask.compute(write, moments)
+            return None if moments is None else np.asarray(moments)
         # metadata, attrs and the in-memory scale coordinate now; the chunks batch by batch
         ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
         body = ds.drop_vars("scale", errors="ignore")
+        edges = [np.cumsum([0, *axis]).tolist() for axis in tiles]
+        out = np.empty(moments.shape)
         for region in batches:
-            body.isel(region).to_zarr(**target, mode="r+", region=region)
+            write = body.isel(region).to_zarr(**target, mode="r+", region=region, compute=False)
+            ty, tx = (
+                slice(e.index(region[d].start), e.index(region[d].stop))
+                for e, d in zip(edges, ("y", "x"), strict=True)
+            )
+            _, out[ty, tx] = dask.compute(write, moments[ty, tx])
+        return out
 
     def _mark(self, k: int, attrs: dict[str, Any]) -> None:
         group = zarr.open_group(str(self.path), path=_group_name(k), mode="r+")
@@ -571,7 +591,7 @@ class ZarrSink:
             if k not in complete or (complete and k > complete[-1]):
                 _delete_group(path, _group_name(k))
         if not complete:
-            self._write_group(0, _initial_from_inputs(self._inputs_ds(), self.cwt.kernels), {})
+            self._write_group(0, _initial_from_inputs(self._inputs_ds(), self.cwt.kernels))
             self._mark(0, {"iteration": 0, "table": []})
             complete = [0]
         last = complete[-1]

@@ -1,7 +1,7 @@
 """One CWT iteration tile by tile: dask orchestration of the numpy core (`cwtflow.core`).
 
 Each iteration is one lazy dask graph; nothing is computed here (the sink materialises the new
-state; the engine reduces its statistics from what the sink returns). Per iteration:
+state and the per-tile statistics). Per iteration:
 
 1. one task per tile over C, B, M and A with a halo of `halo_depth` pixels (zeros beyond the
    map edge; periodic in x for all-sky maps) calls `core.convolve_step` and
@@ -11,7 +11,8 @@ state; the engine reduces its statistics from what the sink returns). Per iterat
    gathering the map. Without one, only one-pixel components are dropped, which needs one more
    pixel around the tile: the tiles carry a halo one pixel deeper, and step 1 returns the
    cleaned mask instead of the significance (no cross-tile dependency after the inputs);
-3. ``S = S_prev | kept`` and `core.update_model` block by block.
+3. ``S = S_prev | kept`` and `core.update_model` block by block, and each tile's
+   `core.residual_moments` (residual variance and support size merge from them).
 
 Without an island threshold no tile of the new state depends on another tile's result (only on
 its neighbours' inputs): `TiledStep.independent_tiles` gives these tiles, so that a store can
@@ -383,6 +384,13 @@ def _tile_approx(
     return np.array(out[_interior(background, offsets)])
 
 
+def _tile_moments(
+    counts: np.ndarray, model: np.ndarray, approx: np.ndarray, support: np.ndarray
+) -> np.ndarray:
+    """(1, 1, 4): `core.residual_moments` of one tile."""
+    return core.residual_moments(counts, model, approx, support)[None, None, :]
+
+
 def _tile_update(model: np.ndarray, support: np.ndarray, transform: np.ndarray) -> np.ndarray:
     """(2, ty, tx): ``T2`` and the new model of one tile."""
     transform_2d, new_model = core.update_model(model, support, transform)
@@ -404,9 +412,11 @@ class TiledStep:
 
     Notes
     -----
-    ``step(state) -> new_state``: ``state`` holds the `cwtflow.state.STATE_VARS` (numpy or
-    dask, any chunks); ``new_state`` is lazy with (y, x) chunks of ``data`` and the scale axis
-    one chunk. Building the graph computes nothing.
+    ``step(state) -> (new_state, moments)``: ``state`` holds the `cwtflow.state.STATE_VARS`
+    (numpy or dask, any chunks); ``new_state`` is lazy with (y, x) chunks of ``data`` and the
+    scale axis one chunk; ``moments`` is a lazy (n_tiles_y, n_tiles_x, 4) array of each work
+    tile's `core.residual_moments` (one chunk per tile), merged by `core.combine_moments`.
+    Building the graph computes nothing.
     """
 
     def __init__(self, cwt: CWT, data: xr.Dataset, wrap: bool) -> None:
@@ -483,8 +493,8 @@ class TiledStep:
             **kwargs,
         )
 
-    def __call__(self, state: xr.Dataset) -> xr.Dataset:
-        """The lazy state after one more iteration."""
+    def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, da.Array]:
+        """The lazy state after one more iteration and its lazy per-tile moments."""
         cwt, n = self.cwt, self.kernels.n_scale
         counts, background, model, approx = (
             self._image(state[name].data) for name in ("counts", "background", "model", "approx")
@@ -533,6 +543,23 @@ class TiledStep:
             meta=np.empty((0, 0, 0)),
         )
         transform_2d, new_model = updated[0], updated[1]
+        moments = da.blockwise(
+            _tile_moments,
+            "ijk",
+            counts,
+            "ij",
+            new_model,
+            "ij",
+            new_approx,
+            "ij",
+            support,
+            "sij",
+            new_axes={"k": len(core.MOMENTS)},
+            adjust_chunks={"i": 1, "j": 1},
+            concatenate=True,
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0)),
+        )
 
         images = {"model": new_model, "approx": new_approx, "transform_2d": transform_2d}
         if approx_bkg is not None:
@@ -540,4 +567,4 @@ class TiledStep:
         cubes = {"transform_3d": transform, "error": error, "support": support}
         arrays = {name: a.rechunk(self.chunks) for name, a in (unchanged | images).items()}
         arrays |= {name: a.rechunk(((n,), *self.chunks)) for name, a in cubes.items()}
-        return new_state(state, arrays, self.kernels)
+        return new_state(state, arrays, self.kernels), moments

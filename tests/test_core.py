@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 import reference as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 from scipy.signal import fftconvolve
 
@@ -234,3 +236,37 @@ def test_update_model():
     np.testing.assert_allclose(transform_2d, expected, rtol=1e-14)
     np.testing.assert_allclose(new_model, model + np.maximum(expected, 0), rtol=1e-14)
     assert not np.shares_memory(new_model, model)
+
+
+# --- convergence statistics ------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    cuts=st.tuples(st.integers(1, 29), st.integers(1, 29)),
+    seed=st.integers(0, 2**16),
+)
+def test_moments_of_tiles_combine_to_the_variance_of_the_map(shape, cuts, seed) -> None:
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(3.0, shape).astype(float)
+    model, approx = rng.uniform(0, 2, shape), rng.uniform(0, 2, shape)
+    support = rng.random((2, *shape)) < 0.2
+    ys = sorted({0, min(cuts[0], shape[0]), shape[0]})
+    xs = sorted({0, min(cuts[1], shape[1]), shape[1]})
+    tiles = [
+        core.residual_moments(
+            counts[y0:y1, x0:x1],
+            model[y0:y1, x0:x1],
+            approx[y0:y1, x0:x1],
+            support[:, y0:y1, x0:x1],
+        )
+        for y0, y1 in itertools.pairwise(ys)
+        for x0, x1 in itertools.pairwise(xs)
+    ]
+    variance, size = core.combine_moments(np.array(tiles))
+    expected = np.var(counts - (model + approx))
+    assert variance == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert size == np.count_nonzero(support.any(axis=0))
+    whole = core.combine_moments(core.residual_moments(counts, model, approx, support))
+    assert whole[0] == pytest.approx(expected, rel=1e-14, abs=1e-15)

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
@@ -18,7 +19,7 @@ from dask.callbacks import Callback
 from dask.utils import key_split
 
 import cwtflow
-from cwtflow.engine import iteration_stats
+from cwtflow.core import combine_moments, residual_moments
 from cwtflow.history import COMPLETE, ZarrSink, open_history, read_result, tile_batches
 from cwtflow.state import STATE_VARS, VARIABLES, initial_state
 
@@ -214,9 +215,9 @@ def test_open_history_refuses_non_stores(tmp_path):
 
 
 def test_sink_writes_dask_state_in_one_compute(tmp_path, maps, reference):
-    """Lazy inputs: store chunks are the tiles, one compute writes an iteration, the stats
-    reduced from the state read back equal the run's, and that state has a graph of loads only
-    (it does not grow with the iterations)."""
+    """Lazy inputs: store chunks are the tiles, one compute writes an iteration and its
+    moments, and the state read back has a graph of loads only (it does not grow with the
+    iterations)."""
     lazy = cwtflow.validate_maps(maps.chunk({"y": 16, "x": 20}))
     cwt = make_cwt()
     sink = ZarrSink(tmp_path / "run.zarr", cwt, lazy)
@@ -232,15 +233,16 @@ def test_sink_writes_dask_state_in_one_compute(tmp_path, maps, reference):
     sizes = []
     for k, ref in enumerate(reference[1][1:], start=1):
         new = ref.chunk({"y": 12, "x": 11})  # other tiles: the sink rechunks to the store's
+        moments = residual_moments(
+            *(ref[n].values for n in ("counts", "model", "approx")), ref["support"].values
+        )
         with dask.config.set(scheduler=counting):
-            state = sink.write(k, new)
-            assert len(computes) == 2 * k - 1
-            stats = iteration_stats(state)
-            assert len(computes) == 2 * k
-        variance = reference[0].attrs["residual_variance"][k - 1]
-        assert stats["residual_variance"] == pytest.approx(variance, rel=1e-12)
-        assert stats["support_size"] == int(ref["support"].any("scale").sum())
-        info = cwtflow.IterationInfo(k, stats["residual_variance"], np.nan, False, 0)
+            state, moments = sink.write(k, new, da.from_array(moments))
+        assert len(computes) == k
+        variance, support_size = combine_moments(moments)
+        assert variance == pytest.approx(reference[0].attrs["residual_variance"][k - 1], rel=1e-12)
+        assert support_size == int(ref["support"].any("scale").sum())
+        info = cwtflow.IterationInfo(k, variance, np.nan, False, 0)
         state = sink.complete(k, state, info)
         sizes.append(len(dict(state.__dask_graph__())))
         assert state["transform_3d"].chunks == ((2,), (16, 16, 4), (20, 20, 4))
@@ -537,9 +539,9 @@ def test_tiled_run_through_store(tmp_path, maps, reference, monkeypatch):
     graph_sizes = []
     original = ZarrSink.write
 
-    def write(self, k, state, **kwargs):
+    def write(self, k, state, moments, **kwargs):
         graph_sizes.append(len(dict(state.__dask_graph__())))
-        return original(self, k, state, **kwargs)
+        return original(self, k, state, moments, **kwargs)
 
     monkeypatch.setattr(ZarrSink, "write", write)
     path = tmp_path / "run.zarr"

@@ -284,11 +284,13 @@ def test_building_a_step_computes_nothing() -> None:
         step = TiledStep(cwt, data, False)
         state = initial_state(data, KERNELS)
         for _ in range(2):  # a second step on the lazy first one: still nothing computed
-            state = step(state)
+            state, moments = step(state)
     assert recorder.starts == 0
     assert all(isinstance(state[name].data, da.Array) for name in STATE_VARS)
+    tiles = tuple(len(axis) for axis in step.work_chunks)  # 8-pixel rows merged to the halo
+    assert isinstance(moments, da.Array) and moments.shape == (*tiles, 4) == (2, 4, 4)
     with recorder:
-        dask.compute(state)
+        dask.compute(state, moments)
     assert recorder.starts == 1
 
 
@@ -298,11 +300,11 @@ def test_no_task_gathers_the_map() -> None:
     cwt = CWT(KERNELS, significance_island_threshold=4.0)
     step = TiledStep(cwt, data, False)
     (state,) = dask.persist(initial_state(data, KERNELS))
-    state = step(state)
+    state, _ = step(state)
     (state,) = dask.persist(state)  # a state with support and a model, like any later step
     recorder = Recorder()
     with recorder:
-        dask.persist(step(state))
+        dask.persist(*step(state))
     assert recorder.starts == 1
     joining = {k: v for k, v in recorder.largest.items() if "join" in k or "finalize" in k}
     per_tile = {k: v for k, v in recorder.largest.items() if k not in joining}
