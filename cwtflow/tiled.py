@@ -164,7 +164,8 @@ def _assemble(
 def _halo_graph(
     image: da.Array, depth: tuple[int, int], periodic_x: bool
 ) -> tuple[dict[Any, Any], dict[tuple[int, int], tuple[Any, list[list[Any]]]]]:
-    """The halo exchange of a 2-D ``image``: its pieces tasks and, per block, what to assemble.
+    """The halo exchange of a 2-D ``image``: its pieces tasks and, per block, what to assemble
+    (the same tiles as `dask.array.overlap`, zeros beyond the map or periodic in x).
 
     Returns ``(dsk, sources)``: ``dsk`` holds one `_pieces` task per block; ``sources[i, j]``
     is ``(block key, neighbours)`` with ``neighbours`` the 3 x 3 (or 1 x 3, 3 x 1) grid of
@@ -191,30 +192,6 @@ def _halo_graph(
             neighbours.append(row)
         sources[(i, j)] = ((image.name, i, j), neighbours)
     return dsk, sources
-
-
-def _halo_chunks(image: da.Array, depth: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
-    return tuple(
-        tuple(c + 2 * d for c in axis) if d else axis
-        for axis, d in zip(image.chunks, depth, strict=True)
-    )
-
-
-def _with_halo(image: da.Array, depth: dict[int, int], periodic_x: bool) -> da.Array:
-    """Every block of a 2-D ``image`` with ``depth`` pixels of its neighbours around it.
-
-    Zeros beyond the map, periodic in x with ``periodic_x``; an axis with depth 0 gets no halo.
-    The same exchange as `dask.array.overlap`, built by `_halo_graph`; the tiled iteration
-    assembles the halo inside its tile tasks instead (`_overlapped_tiles`).
-    """
-    halo = (depth[0], depth[1])
-    dsk, sources = _halo_graph(image, halo, periodic_x)
-    name = f"with-halo-{tokenize(image, halo, periodic_x)}"
-    for (i, j), (block, neighbours) in sources.items():
-        dsk[(name, i, j)] = (_assemble, block, neighbours, halo)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[image])
-    chunks = _halo_chunks(image, halo)
-    return da.Array(graph, name, chunks, dtype=image.dtype, meta=np.empty((0, 0), image.dtype))
 
 
 def _run_tile(

@@ -17,7 +17,7 @@ import cwtflow
 from cwtflow import CWT, CWTKernels
 from cwtflow.maps import default_wcs
 from cwtflow.state import STATE_VARS, initial_state
-from cwtflow.tiled import TiledStep, _pieces, _with_halo, halo_depth, tile_chunks
+from cwtflow.tiled import TiledStep, _overlapped_tiles, _pieces, halo_depth, tile_chunks
 
 KERNELS = CWTKernels(n_scale=2, min_scale=1.0, step_scale=1.5)  # halo 9 pixels
 SMALL_KERNELS = [
@@ -222,16 +222,30 @@ def test_tile_chunks_merge_small_chunks(chunks: tuple[int, ...], depth: int) -> 
 @pytest.mark.parametrize("periodic", [False, True])
 @pytest.mark.parametrize(
     ("chunks", "depth"),
-    [(((5, 7, 6), (4, 9, 8, 5)), {0: 3, 1: 4}), (((18,), (9, 8, 9)), {0: 0, 1: 2})],
+    [(((5, 7, 6), (4, 9, 8, 5)), (3, 4)), (((18,), (9, 8, 9)), (0, 2))],
 )
-def test_with_halo_equals_dask_overlap(chunks, depth, periodic: bool) -> None:
-    image = np.random.default_rng(3).normal(size=(sum(chunks[0]), sum(chunks[1])))
-    array = da.from_array(image, chunks=chunks)
+def test_tiles_get_the_halo_of_dask_overlap(chunks, depth, periodic: bool) -> None:
+    """Each tile task sees its block with the halo `dask.array.overlap` would give it."""
+    rng = np.random.default_rng(3)
+    images = [da.from_array(rng.normal(size=[sum(c) for c in chunks]), chunks=chunks)]
+    images.append(images[0] * 2.0)
     boundary = {0: 0, 1: "periodic" if periodic else 0}
-    expected = da.overlap.overlap(array, depth=depth, boundary=boundary, allow_rechunk=False)
-    actual = _with_halo(array, depth, periodic)
-    assert actual.chunks == expected.chunks
-    np.testing.assert_array_equal(actual.compute(), expected.compute())
+
+    def tiles(first, second, block_id):
+        return np.stack([first, second, np.full(first.shape, block_id[1] * 10 + block_id[2])])
+
+    ours = _overlapped_tiles(tiles, images, depth, periodic, planes=3, block_id=True)
+    assert ours.chunks == ((3,), *chunks)  # declared: the tile interiors
+    expected = da.overlap.overlap(
+        images[0], depth=dict(enumerate(depth)), boundary=boundary, allow_rechunk=False
+    )
+    blocks = ours.to_delayed()[0]
+    for (i, j), block in np.ndenumerate(expected.to_delayed()):
+        got = blocks[i, j].compute()
+        want = block.compute()
+        np.testing.assert_array_equal(got[0], want)
+        np.testing.assert_array_equal(got[1], 2.0 * want)
+        assert (got[2] == i * 10 + j).all()
 
 
 def test_halo_pieces_are_copies_of_the_edges() -> None:
