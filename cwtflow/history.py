@@ -29,9 +29,10 @@ lists the statistics of every iteration. The root ``status`` (``running``, ``con
 ``max_iter reached``) is informational: the markers are authoritative.
 
 Each iteration's state is read back lazily from the store, so the dask graph of the next
-iteration starts from stored chunks and does not grow with the number of iterations. A tiled
-iteration whose tiles are independent is written in batches of tiles (`tile_batches`), each its
-own computation, so that peak memory is set by the tile size, not by the map size.
+iteration starts from stored chunks and does not grow with the number of iterations; the
+residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the write. A
+tiled iteration whose tiles are independent is written in batches of tiles (`tile_batches`),
+each its own computation, so that peak memory is set by the tile size, not by the map size.
 
 Resuming checks that the store was written by this cwtflow version and format, with the same
 parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and a block-wise
