@@ -1,7 +1,7 @@
 """Source catalog scoring: simulations with ground truth, the Fermi survey against 3FHL, the peer.
 
 Run from the project root, with the benchmark virtualenv so that the peer (gammapy) runs in the
-same process (see ``benchmarks/catalog_README.md``)::
+same process (see ``benchmarks/README.md``)::
 
     /work/bench-venv/bin/python benchmarks/bench_catalog.py --out /tmp/bench-catalog
 
@@ -9,14 +9,16 @@ Without gammapy the cwtflow parts run and the report says the peer was skipped.
 
 Three parts, one settings block (`SETTINGS`) for every cwtflow run:
 
-(a) simulations (`cwtflow.simulate_sky`, Galactic-plane-like diffuse emission, point sources
-    and slightly extended ones, a survey-like 0.1 deg grid and 0.15 deg PSF) with ground truth:
+(a) simulations (`cwtflow.simulate_sky` through ``loaders.simulated_sky``: Galactic-plane-like
+    diffuse emission, point sources and slightly extended ones, a survey-like 0.1 deg grid and
+    0.15 deg PSF) with ground truth:
     completeness against true flux and the false-detection fraction against measured flux, for
     cwtflow (also at a 4 sigma catalog threshold) and the peer, once with the true background
     and once with a background model off by a smooth 10 % rms field (the real survey's diffuse
     model is not exact either). A table and a PNG plot.
-(b) the Fermi-LAT survey map (``../shared/data``) scored against the 3FHL catalog: a detection
-    matches a 3FHL source within 0.3 deg; only the region |l| < 99.5 deg, |b| < 4.5 deg counts.
+(b) the Fermi-LAT survey map (the sample data folder, ``--data``) scored against the 3FHL
+    catalog: a detection matches a 3FHL source within 0.3 deg; only the region |l| < 99.5 deg,
+    |b| < 4.5 deg counts.
     recall = 3FHL sources in the region with a detection within 0.3 deg / their number;
     purity = detections in the region with a 3FHL source within 0.3 deg / their number.
 (c) the peer on the same maps in the same run: gammapy ``TSMapEstimator`` with a Gaussian kernel
@@ -45,12 +47,10 @@ import numpy as np
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
+from loaders import add_data_argument, reference_sources, simulated_sky, survey_maps
 
 import cwtflow
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SURVEY_FILE = "fermi_survey_gal_plane.fits.gz"
-CATALOG_FILE = "fermi_3fhl_catalog_v13.fits.gz"
 MATCH_RADIUS = 0.3  # deg
 REGION = (99.5, 4.5)  # |l|, |b| limits in deg
 
@@ -180,27 +180,6 @@ def peer_catalog(maps) -> tuple[Table, float]:
 # --- (a) simulations ------------------------------------------------------------------------
 
 
-def smooth_field(seed: int, shape: tuple[int, int], binsz: float = 0.1) -> np.ndarray:
-    """Unit-rms random field of plane waves with 1.5 - 8 deg wavelengths."""
-    rng = np.random.default_rng(seed)
-    y, x = np.indices(shape, dtype=np.float64) * binsz
-    field = np.zeros(shape)
-    for _ in range(12):
-        k = rng.uniform(1 / 8, 1 / 1.5)
-        theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-        field += np.cos(2 * np.pi * k * (x * np.cos(theta) + y * np.sin(theta)) + phase)
-    return field / field.std()
-
-
-def simulated_sky(seed: int, background_error: float):
-    """Maps and true sources; the background model is off by ``background_error`` rms."""
-    maps, truth = cwtflow.simulate_sky(seed=seed, **SIM)
-    if background_error:
-        factor = np.clip(1 + background_error * smooth_field(seed + 7919, SIM["shape"]), 0.2, None)
-        maps["background"] = maps["background"] * factor
-    return maps, truth
-
-
 def match_sim(det_x, det_y, truth: Table, radius_pix: float) -> tuple[np.ndarray, np.ndarray]:
     """(true source found, detection true) within ``radius_pix``."""
     if len(det_x) == 0:
@@ -221,7 +200,7 @@ def run_simulations(
     for case, error in (("exact background", 0.0), ("background off by 10 %", BACKGROUND_ERROR)):
         rows = {"cwtflow": [], LOW_LABEL: [], "peer": []}
         for k in range(n_maps):
-            maps, truth = simulated_sky(200 + k, error)
+            maps, truth = simulated_sky(seed=200 + k, background_error=error, **SIM)
             low, *_ = cwt_catalog(maps, {**settings, "min_significance": LOW_SIGNIFICANCE})
             table = low[low["significance"] >= settings["min_significance"]]
             for name, cat in (("cwtflow", table), (LOW_LABEL, low)):
@@ -343,20 +322,6 @@ def plot_sims(sims: dict[str, Any], path: Path) -> None:
 # --- (b) survey -----------------------------------------------------------------------------
 
 
-def survey_maps(folder: Path):
-    return cwtflow.read_maps(folder / SURVEY_FILE)
-
-
-def reference_sources(folder: Path) -> SkyCoord:
-    """All 3FHL sources (Galactic)."""
-    cat = Table.read(folder / CATALOG_FILE, hdu="LAT_Point_Source_Catalog")
-    return SkyCoord(
-        np.asarray(cat["GLON"], float) * u.deg,
-        np.asarray(cat["GLAT"], float) * u.deg,
-        frame="galactic",
-    )
-
-
 def in_region(coords: SkyCoord) -> np.ndarray:
     lon = coords.l.wrap_at(180 * u.deg).deg
     return (np.abs(lon) < REGION[0]) & (np.abs(coords.b.deg) < REGION[1])
@@ -427,7 +392,7 @@ def tune(n_maps: int) -> Table:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="folder for the table, JSON and PNG")
-    parser.add_argument("--data", type=Path, default=DATA, help="shared sample-data folder")
+    add_data_argument(parser)
     parser.add_argument("--sims", type=int, default=4, help="simulated maps per background case")
     parser.add_argument("--no-peer", action="store_true", help="skip gammapy even if installed")
     parser.add_argument("--tune", action="store_true", help="only run the settings grid")
@@ -459,11 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     table.pprint(max_lines=-1, max_width=-1)
 
-    survey = args.data / SURVEY_FILE
-    if not survey.is_file():
-        print(f"(b) survey skipped: {survey} is missing")
+    maps = survey_maps(args.data)
+    if maps is None:
+        print(f"(b) survey skipped: no survey map in {args.data}")
     else:
-        maps = survey_maps(args.data)
         reference = reference_sources(args.data)
         runs = [cwt_catalog(maps) for _ in range(3)]
         catalog = runs[0][0]

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from distributed import Client, get_task_stream
+from loaders import simulated_sky
 
 from cwtflow import CWT, CWTKernels
 from cwtflow.cluster import TaskProgress, start_local_cluster
-from cwtflow.simulate import simulate_sky
 from cwtflow.state import STATE_VARS
 
 
@@ -71,7 +71,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def make_inputs(args: argparse.Namespace, folder: Path) -> Path:
     """Simulate the map once and store it as zarr (tiles = zarr chunks)."""
     path = folder / "inputs.zarr"
-    data, _ = simulate_sky(
+    data, _ = simulated_sky(
         (args.size, args.size), n_sources=args.size * args.size // 40_000, seed=1, binsz=0.02
     )
     data = data.drop_vars(["lon", "lat"]).chunk({"y": args.chunks, "x": args.chunks})

@@ -7,9 +7,9 @@ Run from the project root (see ``benchmarks/README.md``)::
 Cases, all with the tutorial's parameters (n_scale 2, min_scale 6.0, step_scale 1.3,
 significance threshold 2.0), float64, one thread:
 
-- ``survey``: the whole Fermi survey map (101 x 2001 px) from ``../shared/data``.
+- ``survey``: the whole Fermi survey map (101 x 2001 px) from the sample data folder (``--data``).
 - ``sim``: a simulated 2048 x 2048 map (Poisson counts over a smooth background with sources),
-  generated here from a fixed seed.
+  generated from a fixed seed (``loaders.survey_like_maps``).
 
 Three timings per case, each the best (minimum) per-iteration time over repeats, iterations
 2 .. N (iteration 1 of the engine includes its one-off set-up, which is reported apart). The
@@ -41,77 +41,24 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import scipy.fft  # noqa: E402
+from loaders import add_data_argument, survey_like_maps, survey_maps  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from scipy.signal import fftconvolve  # noqa: E402
 
 import cwtflow  # noqa: E402
 from cwtflow import core  # noqa: E402
 
-SURVEY = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SURVEY_FILE = "fermi_survey_gal_plane.fits.gz"
 KERNELS = {"n_scale": 2, "min_scale": 6.0, "step_scale": 1.3}
 THRESHOLD = 2.0
 TARGETS = {"survey": 4.0, "sim": 30.0}
 FLOOR_TARGET = 1.5
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCKS["cpu"]
-
-
-# --- inputs ---------------------------------------------------------------------------------
-
-
-def survey_maps(folder: Path):
-    """The whole survey map, through the public reader when the package has one."""
-    path = folder / SURVEY_FILE
-    if hasattr(cwtflow, "read_maps"):
-        return cwtflow.read_maps(path)
-    from astropy.io import fits
-    from astropy.wcs import WCS, FITSFixedWarning
-
-    with fits.open(path) as hdus, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return cwtflow.make_maps(
-            hdus["COUNTS"].data, hdus["BACKGROUND"].data, WCS(hdus["COUNTS"].header)
-        )
-
-
-def simulated_maps(size: int, seed: int = 2048):
-    """Poisson counts of a smooth Galactic-plane-like background plus point sources.
-
-    Built to have the statistics of the real survey map (about 0.3 counts per pixel on
-    average, a few hundred significant components per million pixels): an isotropic floor of
-    0.12 counts/pixel, a band of 1 count/pixel along the middle row whose width and height
-    vary along x, and one source per 3200 pixels with expected counts drawn from
-    dN/dS ~ S**-2 between 30 and 500, blurred by a Gaussian PSF of sigma 2 px.
-    """
-    rng = np.random.default_rng(seed)
-    y, x = np.indices((size, size), dtype=np.float64)
-    phase = rng.uniform(0, 2 * np.pi, 3)
-    width = size / 30 * np.exp(0.3 * np.sin(2 * np.pi * x / size * 3 + phase[0]))
-    height = np.exp(0.4 * np.sin(2 * np.pi * x / size * 5 + phase[1]))
-    background = 0.12 + height * np.exp(-0.5 * ((y - size / 2) / width) ** 2)
-    background *= 1 + 0.1 * np.cos(2 * np.pi * y / size + phase[2])
-    rate = background.copy()
-    sigma = 2.0
-    half = int(6 * sigma)
-    offsets = np.arange(-half, half + 1)
-    s_min, s_max = 30.0, 500.0
-    for _ in range(round(size * size / 3200)):
-        cy, cx = rng.uniform(half, size - half - 1, 2)
-        # inverse CDF of dN/dS ~ S**-2 on [s_min, s_max]
-        flux = 1 / (1 / s_min - rng.random() * (1 / s_min - 1 / s_max))
-        iy, ix = int(cy), int(cx)
-        gy = np.exp(-0.5 * ((iy + offsets - cy) / sigma) ** 2)
-        gx = np.exp(-0.5 * ((ix + offsets - cx) / sigma) ** 2)
-        blob = np.outer(gy, gx)
-        rate[iy - half : iy + half + 1, ix - half : ix + half + 1] += flux * blob / blob.sum()
-    return cwtflow.make_maps(rng.poisson(rate).astype(np.float64), background)
 
 
 # --- the naive baseline ---------------------------------------------------------------------
@@ -272,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-iter", type=int, default=3, help="naive iterations (>= 2)")
     parser.add_argument("--engine-iter", type=int, default=10, help="engine iterations per run")
     parser.add_argument("--repeat", type=int, default=3, help="engine runs per case")
-    parser.add_argument("--data", type=Path, default=SURVEY, help="shared sample-data folder")
+    add_data_argument(parser)
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="timer")
     args = parser.parse_args(argv)
@@ -283,13 +230,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for case in args.cases:
-        if case == "survey":
-            if not (args.data / SURVEY_FILE).is_file():
-                print(f"[survey] skipped: {args.data / SURVEY_FILE} not found", file=sys.stderr)
-                continue
-            data = survey_maps(args.data)
-        else:
-            data = simulated_maps(args.size)
+        data = survey_maps(args.data) if case == "survey" else survey_like_maps(args.size)
+        if data is None:
+            print(f"[survey] skipped: no survey map in {args.data}", file=sys.stderr)
+            continue
         rows.append(run_case(case, data, args))
     print(
         f"cwtflow {cwtflow.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "

@@ -43,18 +43,13 @@ import time  # noqa: E402
 import dask  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
+from loaders import simulated_sky  # noqa: E402
 
 import cwtflow  # noqa: E402
 
 KERNELS = {"n_scale": 2, "min_scale": 6.0, "step_scale": 1.3}
 THRESHOLD = 2.0
 TARGET = 1.3
-
-
-def simulated(size: int, seed: int) -> xr.Dataset:
-    """A ``size`` x ``size`` simulated sky (0.04 deg pixels so that it stays off the poles)."""
-    maps, _ = cwtflow.simulate_sky((size, size), seed=seed, binsz=0.04)
-    return maps[["counts", "background"]]
 
 
 def run(
@@ -104,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    data = simulated(args.size, args.seed)
+    # 0.04 deg pixels, so that the map stays off the poles
+    maps, _ = simulated_sky((args.size, args.size), seed=args.seed, binsz=0.04)
+    data = maps[["counts", "background"]]
     configs: list[int | None] = [None, *args.chunks]
     best: dict[int | None, dict] = {}
     checks: dict[int, dict] = {}
