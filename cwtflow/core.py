@@ -13,6 +13,7 @@ tile carries its halo, so any grid at least as large as the tile is right for it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -25,14 +26,18 @@ from scipy.sparse.csgraph import connected_components
 from .kernels import CWTKernels
 
 __all__ = [
+    "Cleaning",
     "KernelSpectra",
-    "clean_support",
+    "clean_mask",
     "combine_moments",
     "component_keep",
     "convolve_step",
+    "error_and_mask",
     "fft_shape",
     "image_spectra",
     "kernel_spectra",
+    "label",
+    "not_isolated",
     "residual_moments",
     "significance",
     "update_model",
@@ -156,7 +161,7 @@ def convolve_step(
     const_spectra: np.ndarray | None = None,
     workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Convolutions of one iteration (spec steps 1-3).
+    """Convolutions of one iteration (steps 1-3 of `docs/algorithm.md`).
 
     Parameters
     ----------
@@ -242,14 +247,36 @@ def _ratio(transform: np.ndarray, error: np.ndarray, out: np.ndarray | None = No
     return out
 
 
-def _error_and_mask(
+@dataclass(frozen=True)
+class Cleaning:
+    """The support-cleaning rule (step 5 of `docs/algorithm.md`, before the OR with the previous
+    support).
+
+    A pixel of a scale is significant where its significance exceeds ``threshold``; of the
+    4-connected components of significant pixels, one-pixel ones are dropped with
+    ``remove_isolated``, and those whose maximum significance is below ``island_threshold``
+    (when given). Built once by `cwtflow.engine.CWT`; every path (whole map, tiles, global
+    labelling) applies it through this value.
+    """
+
+    threshold: float
+    remove_isolated: bool = True
+    island_threshold: float | None = None
+
+    @property
+    def local(self) -> bool:
+        """Whether one pixel around a tile decides its cleaning (no island threshold)."""
+        return self.island_threshold is None
+
+
+def error_and_mask(
     transform: np.ndarray,
     error_sq: np.ndarray,
     threshold: float,
     *,
     sig: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One scale of `significance` and the threshold, row block by row block.
+    """One scale of `significance` and the threshold, row block by row block (fast path).
 
     ``error_sq`` (ny, nx) is turned into the error in place; returns ``sig > threshold`` with
     ``sig`` as `significance` defines it, which is also stored in ``sig`` when given.
@@ -274,29 +301,39 @@ def _error_and_mask(
     return mask
 
 
-def component_keep(
-    sizes: np.ndarray,
-    maxima: np.ndarray,
-    *,
-    remove_isolated: bool,
-    island_threshold: float | None,
-) -> np.ndarray:
-    """Which labelled components survive cleaning (index 0, the background, never does).
+def component_keep(sizes: np.ndarray, maxima: np.ndarray, cleaning: Cleaning) -> np.ndarray:
+    """Which labelled components survive ``cleaning`` (index 0, the background, never does).
 
     ``sizes`` and ``maxima`` are indexed by label: pixel count and maximum significance.
     """
     keep = np.ones(sizes.shape, dtype=bool)
     keep[0] = False
-    if remove_isolated:
+    if cleaning.remove_isolated:
         keep &= sizes != 1
-    if island_threshold is not None:
-        keep &= maxima >= island_threshold
+    if cleaning.island_threshold is not None:
+        keep &= maxima >= cleaning.island_threshold
     return keep
+
+
+def label(mask: np.ndarray, *, wrap_x: bool = False) -> tuple[np.ndarray, int]:
+    """Components of an image (y, x) or of each plane of a cube (scale, y, x), 4-connected in
+    (y, x): labels (0 = background, unique over the array) and their number.
+
+    With ``wrap_x`` the last axis is periodic (all-sky longitude): components touching across
+    the x seam are one. The labelling of the whole-map cleaning, of each tile of the global
+    labelling (`cwtflow.labels`) and of the catalog's islands.
+    """
+    structure = np.zeros((3,) * mask.ndim, dtype=bool)
+    structure[(1,) * (mask.ndim - 2)] = CROSS
+    labels, n = ndimage.label(mask, structure=structure)
+    if wrap_x and n:
+        labels, n = _join_seam(labels, n)
+    return labels, n
 
 
 def _join_seam(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
     """Merge components touching across the x seam of a longitude-periodic map."""
-    left, right = labels[:, 0], labels[:, -1]
+    left, right = labels[..., 0], labels[..., -1]
     both = (left > 0) & (right > 0)
     if not both.any():
         return labels, n
@@ -308,9 +345,20 @@ def _join_seam(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
     return mapping[labels], n_comp - 1
 
 
+def not_isolated(block: np.ndarray) -> np.ndarray:
+    """Interior of a (..., ny + 2, nx + 2) mask carrying a one-pixel ring: the set pixels with
+    a set 4-neighbour, i.e. the mask without its one-pixel components."""
+    centre = block[..., 1:-1, 1:-1]
+    neighbours = (
+        block[..., :-2, 1:-1] | block[..., 2:, 1:-1] | block[..., 1:-1, :-2] | block[..., 1:-1, 2:]
+    )
+    return centre & neighbours
+
+
 def _drop_isolated(mask: np.ndarray, *, wrap_x: bool) -> np.ndarray:
     """``mask`` without its one-pixel components: a pixel stays when one of its 4 neighbours is
-    set (across the x seam with ``wrap_x``). The same mask as labelling, without labels."""
+    set (across the x seam with ``wrap_x``). `not_isolated` on the whole map, without the
+    copy into a ringed array."""
     neighbour = np.zeros_like(mask)
     neighbour[1:] |= mask[:-1]
     neighbour[:-1] |= mask[1:]
@@ -323,60 +371,34 @@ def _drop_isolated(mask: np.ndarray, *, wrap_x: bool) -> np.ndarray:
     return neighbour
 
 
-def clean_support(
-    sig: np.ndarray,
-    threshold: float,
-    *,
-    remove_isolated: bool,
-    island_threshold: float | None,
-    wrap_x: bool = False,
+def clean_mask(
+    mask: np.ndarray, sig: np.ndarray | None, cleaning: Cleaning, *, wrap_x: bool = False
 ) -> np.ndarray:
-    """Significant pixels of one scale after component cleaning (spec step 5, before the OR).
+    """The significant pixels ``mask`` of one scale after ``cleaning`` (step 5 of
+    `docs/algorithm.md`).
 
-    One labelling pass and one pass over the labelled pixels, whatever the number of components.
+    ``sig`` (the significance) is needed only for the island rule. One labelling pass and one
+    pass over the labelled pixels, whatever the number of components; without an island
+    threshold, isolated pixels are dropped without labelling.
     """
-    return _clean_mask(
-        sig > threshold,
-        sig,
-        remove_isolated=remove_isolated,
-        island_threshold=island_threshold,
-        wrap_x=wrap_x,
-    )
-
-
-def _clean_mask(
-    mask: np.ndarray,
-    sig: np.ndarray | None,
-    *,
-    remove_isolated: bool,
-    island_threshold: float | None,
-    wrap_x: bool,
-) -> np.ndarray:
-    """`clean_support` from the thresholded ``mask`` (``sig`` is needed for the island rule)."""
-    if not remove_isolated and island_threshold is None:
+    if not cleaning.remove_isolated and cleaning.island_threshold is None:
         return mask
-    if island_threshold is None:
+    if cleaning.island_threshold is None:
         return _drop_isolated(mask, wrap_x=wrap_x)
-    labels, n = ndimage.label(mask, structure=CROSS)
+    labels, n = label(mask, wrap_x=wrap_x)
     if n == 0:
         return mask
-    if wrap_x:
-        labels, n = _join_seam(labels, n)
     in_mask = labels[mask]
     sizes = np.bincount(in_mask, minlength=n + 1)
     maxima = np.full(n + 1, -np.inf)
-    if island_threshold is not None:
-        np.maximum.at(maxima, in_mask, sig[mask])
-    keep = component_keep(
-        sizes, maxima, remove_isolated=remove_isolated, island_threshold=island_threshold
-    )
-    return keep[labels]
+    np.maximum.at(maxima, in_mask, sig[mask])
+    return component_keep(sizes, maxima, cleaning)[labels]
 
 
 def update_model(
     model: np.ndarray, support: np.ndarray, transform: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``T2 = sum_i S_i * T_i`` and ``M + max(T2, 0)`` (spec step 6)."""
+    """``T2 = sum_i S_i * T_i`` and ``M + max(T2, 0)`` (step 6 of `docs/algorithm.md`)."""
     transform_2d = np.where(support[0], transform[0], 0.0)
     for i in range(1, transform.shape[0]):
         transform_2d += np.where(support[i], transform[i], 0.0)

@@ -1,8 +1,10 @@
 """Support cleaning on dask arrays: connected components that cross tile borders.
 
-Orchestration only: dask graphs around `scipy.ndimage.label` and numpy per block. Which
+Orchestration only: dask graphs around `cwtflow.core.label` and numpy per block. Which
 components survive is decided by `cwtflow.core.component_keep`, the rule of the whole-map path
-(`cwtflow.core.clean_support`), so both give identical masks for any chunking.
+(`cwtflow.core.clean_mask`), and each block is labelled by `cwtflow.core.label`, so both give
+identical masks for any chunking. Public utilities: `label_components` (global labels and
+per-component statistics of any dask mask) and `clean_support` (the tiled cleaning).
 
 Arrays are images ``(y, x)`` or cubes ``(scale, y, x)``; components are 4-connected within each
 ``(y, x)`` plane and never join two planes. With ``wrap_x`` the last axis is periodic (all-sky
@@ -10,7 +12,7 @@ longitude): the first and last pixel of a row are neighbours.
 
 How components are joined across tiles (the graph is linear in the number of tiles):
 
-1. every block is labelled on its own (one `map_blocks` layer of `scipy.ndimage.label`);
+1. every block is labelled on its own (one `map_blocks` layer of `cwtflow.core.label`);
 2. every block reports, in one pass, its label count, the labels on its four borders, and each
    label's pixel count (`numpy.bincount`) and maximum value (`numpy.maximum.at`, when values
    such as the significance are given);
@@ -31,14 +33,13 @@ from typing import NamedTuple
 
 import dask.array as da
 import numpy as np
-from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import core
 from .errors import InputError
 
-__all__ = ["clean_support", "drop_isolated", "label_components"]
+__all__ = ["clean_support", "label_components"]
 
 
 class _Report(NamedTuple):
@@ -87,16 +88,8 @@ def _as_mask(mask: da.Array | np.ndarray) -> da.Array:
     return mask
 
 
-def _plane_structure(ndim: int) -> np.ndarray:
-    """4-connectivity in the last two axes; nothing connects along the scale axis."""
-    structure = np.zeros((3,) * ndim, dtype=bool)
-    structure[(1,) * (ndim - 2)] = core.CROSS
-    return structure
-
-
 def _label_block(mask: np.ndarray) -> np.ndarray:
-    labels, _ = ndimage.label(mask, structure=_plane_structure(mask.ndim))
-    return labels
+    return core.label(mask)[0]
 
 
 def _block_report(labels: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
@@ -287,17 +280,10 @@ def label_components(
     return labels, vectors[0], vectors[1]
 
 
-def _keep_table(
-    joined: np.ndarray, *, remove_isolated: bool, island_threshold: float | None
-) -> np.ndarray:
+def _keep_table(joined: np.ndarray, *, cleaning: core.Cleaning) -> np.ndarray:
     """0-d (block offsets, per global block label whether its component survives)."""
     joined = joined[()]
-    keep = core.component_keep(
-        joined.sizes,
-        joined.maxima,
-        remove_isolated=remove_isolated,
-        island_threshold=island_threshold,
-    )
+    keep = core.component_keep(joined.sizes, joined.maxima, cleaning)
     return _wrapped((joined.offsets, keep[joined.mapping]))
 
 
@@ -314,44 +300,16 @@ def _keep_block(
     return np.concatenate([[False], keep[start + 1 : stop + 1]])[local]
 
 
-def _seam_matters(shape: tuple[int, ...], wrap_x: bool) -> bool:
-    """A periodic seam adds neighbours only when a row has at least three pixels."""
-    return bool(wrap_x) and shape[-1] > 2
-
-
-def _not_isolated(block: np.ndarray) -> np.ndarray:
-    """Interior of a block carrying a one-pixel halo: set pixels with a set 4-neighbour."""
-    centre = block[..., 1:-1, 1:-1]
-    neighbours = (
-        block[..., :-2, 1:-1] | block[..., 2:, 1:-1] | block[..., 1:-1, :-2] | block[..., 1:-1, 2:]
-    )
-    return centre & neighbours
-
-
-def drop_isolated(mask: da.Array | np.ndarray, *, wrap_x: bool = False) -> da.Array:
-    """``mask`` without its one-pixel components, from a one-pixel halo (no labelling).
-
-    A component has exactly one pixel if and only if that pixel has no 4-neighbour in the mask,
-    so this equals labelling and dropping the components of size 1.
-
-    Parameters
-    ----------
-    mask : dask or numpy array of bool, shape (ny, nx) or (n_scale, ny, nx)
-    wrap_x : bool
-        Periodic last axis.
-
-    Returns
-    -------
-    dask.array.Array of bool, same shape and chunks
-    """
-    mask = _as_mask(mask)
+def _drop_isolated(mask: da.Array, *, wrap_x: bool) -> da.Array:
+    """``mask`` without its one-pixel components, from a one-pixel halo (no labelling): a
+    component has exactly one pixel if and only if that pixel has no 4-neighbour in the mask."""
     y, x = mask.ndim - 2, mask.ndim - 1
     depth = {ax: 0 for ax in range(mask.ndim)} | {y: 1, x: 1}
     boundary: dict[int, bool | str] = {ax: False for ax in range(mask.ndim)}
-    if _seam_matters(mask.shape, wrap_x):
+    if wrap_x and mask.shape[-1] > 2:  # a seam adds neighbours only to rows of 3+ pixels
         boundary[x] = "periodic"
     return da.map_overlap(
-        _not_isolated,
+        core.not_isolated,
         mask,
         depth=depth,
         boundary=boundary,
@@ -364,29 +322,22 @@ def drop_isolated(mask: da.Array | np.ndarray, *, wrap_x: bool = False) -> da.Ar
 
 
 def clean_support(
-    sig: da.Array | np.ndarray,
-    threshold: float,
-    *,
-    remove_isolated: bool,
-    island_threshold: float | None,
-    wrap_x: bool = False,
+    sig: da.Array | np.ndarray, cleaning: core.Cleaning, *, wrap_x: bool = False
 ) -> da.Array:
-    """Significant pixels after component cleaning, as a dask array (spec step 5, before the OR).
+    """Significant pixels after ``cleaning``, as a dask array (step 5 of `docs/algorithm.md`,
+    before the OR).
 
-    The tiled counterpart of `cwtflow.core.clean_support`, with the same mask for any chunking.
+    The tiled counterpart of `cwtflow.core.clean_mask`, with the same mask for any chunking.
     Components are joined across tiles only when the island threshold needs their maxima;
-    removing isolated pixels alone uses a one-pixel halo (`drop_isolated`).
+    removing isolated pixels alone uses a one-pixel halo. (The tiled CWT cleans in its tiles
+    without an island threshold and calls this only for the global step with one.)
 
     Parameters
     ----------
     sig : dask or numpy array of float, shape (ny, nx) or (n_scale, ny, nx)
         Significance of each pixel (per scale).
-    threshold : float
-        A pixel is significant where ``sig > threshold``.
-    remove_isolated : bool
-        Drop one-pixel components.
-    island_threshold : float, optional
-        Drop components whose maximum significance is below this.
+    cleaning : cwtflow.core.Cleaning
+        The rule: threshold, isolated pixels, island threshold.
     wrap_x : bool
         Periodic last axis (all-sky longitude).
 
@@ -395,15 +346,14 @@ def clean_support(
     dask.array.Array of bool, same shape and chunks as ``sig`` (scale axis one chunk)
     """
     sig = _as_planes(sig, "sig")
-    mask = sig > threshold
-    if island_threshold is None:
-        return drop_isolated(mask, wrap_x=wrap_x) if remove_isolated else mask
+    mask = sig > cleaning.threshold
+    if cleaning.island_threshold is None:
+        return _drop_isolated(mask, wrap_x=wrap_x) if cleaning.remove_isolated else mask
     local, joined = _components(mask, sig, wrap_x=wrap_x)
     table = da.map_blocks(
         _keep_table,
         joined,
-        remove_isolated=remove_isolated,
-        island_threshold=island_threshold,
+        cleaning=cleaning,
         dtype=object,
         meta=np.empty((), dtype=object),
     )

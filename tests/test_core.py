@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import reference as ref
+from helpers import clean_whole_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -174,7 +175,7 @@ def test_clean_support_matches_per_component_loop(seed, wrap_x):
     shape = [(1, 9), (9, 1), (6, 6), (25, 31), (40, 17)][seed % 5]
     sig = _random_significance(seed, shape)
     for remove_isolated, island in itertools.product([True, False], [None, 1.0, 2.2]):
-        actual = core.clean_support(
+        actual = clean_whole_map(
             sig, 0.8, remove_isolated=remove_isolated, island_threshold=island, wrap_x=wrap_x
         )
         expected = ref.clean(
@@ -191,35 +192,33 @@ def test_clean_support_hand_made():
     sig[5, 5:8] = [2.0, 2.5, 2.0]  # weak island of 3
     sig[1, 6:8] = [4.0, 6.0]  # strong island of 2 ending on the right edge
     sig[1, 0] = 4.0  # below (0, 0): together a component of 2
-    kept = core.clean_support(sig, 1.0, remove_isolated=True, island_threshold=3.0)
+    kept = clean_whole_map(sig, 1.0, remove_isolated=True, island_threshold=3.0)
     expected = np.zeros_like(kept)
     expected[0, 0] = expected[1, 0] = True  # 2 pixels reaching 5
     expected[1, 6:8] = True
     np.testing.assert_array_equal(kept, expected)
     # across the seam (1, 7) touches (1, 0): one component with (0, 0)
-    wrapped = core.clean_support(sig, 1.0, remove_isolated=True, island_threshold=3.0, wrap_x=True)
+    wrapped = clean_whole_map(sig, 1.0, remove_isolated=True, island_threshold=3.0, wrap_x=True)
     np.testing.assert_array_equal(wrapped, expected)
     sig[1, 0] = 0.0  # (0, 0) is now alone on the left
-    assert not core.clean_support(sig, 1.0, remove_isolated=True, island_threshold=None)[0, 0]
+    assert not clean_whole_map(sig, 1.0, remove_isolated=True, island_threshold=None)[0, 0]
     sig[0, 7] = 1.5  # (0, 7) touches (0, 0) across the seam, and (1, 7)
-    assert core.clean_support(sig, 1.0, remove_isolated=True, island_threshold=None, wrap_x=True)[
-        0, 0
-    ]
+    assert clean_whole_map(sig, 1.0, remove_isolated=True, island_threshold=None, wrap_x=True)[0, 0]
 
 
 def test_component_keep():
     sizes = np.array([50, 1, 2, 1, 7])
     maxima = np.array([-np.inf, 9.0, 2.0, 1.0, 3.0])
     np.testing.assert_array_equal(
-        core.component_keep(sizes, maxima, remove_isolated=True, island_threshold=None),
+        core.component_keep(sizes, maxima, core.Cleaning(0.0, True, None)),
         [False, False, True, False, True],
     )
     np.testing.assert_array_equal(
-        core.component_keep(sizes, maxima, remove_isolated=False, island_threshold=3.0),
+        core.component_keep(sizes, maxima, core.Cleaning(0.0, False, 3.0)),
         [False, True, False, False, True],
     )
     np.testing.assert_array_equal(
-        core.component_keep(sizes, maxima, remove_isolated=True, island_threshold=2.0),
+        core.component_keep(sizes, maxima, core.Cleaning(0.0, True, 2.0)),
         [False, False, True, False, True],
     )
 

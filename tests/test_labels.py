@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from dask.callbacks import Callback
 from dask.utils import key_split
+from helpers import clean_tiled, clean_whole_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from cwtflow import InputError, core
-from cwtflow.labels import clean_support, drop_isolated, label_components
+from cwtflow import InputError
+from cwtflow.labels import label_components
 
 # --- brute force --------------------------------------------------------------------------
 
@@ -192,7 +193,7 @@ def test_clean_support_matches_core(
     seed, ny, nx, cuts_y, cuts_x, threshold, remove_isolated, island_threshold, wrap_x
 ) -> None:
     sig = np.random.default_rng(seed).normal(size=(2, ny, nx)) * 1.5
-    got = clean_support(
+    got = clean_tiled(
         chunked(sig, (cuts_y, cuts_x)),
         threshold,
         remove_isolated=remove_isolated,
@@ -200,7 +201,7 @@ def test_clean_support_matches_core(
         wrap_x=wrap_x,
     ).compute()
     options = {"remove_isolated": remove_isolated, "island_threshold": island_threshold}
-    expected = np.stack([core.clean_support(s, threshold, wrap_x=wrap_x, **options) for s in sig])
+    expected = np.stack([clean_whole_map(s, threshold, wrap_x=wrap_x, **options) for s in sig])
     np.testing.assert_array_equal(got, expected)
 
 
@@ -211,7 +212,9 @@ def test_drop_isolated_equals_dropping_size_one_components(chunks, wrap_x) -> No
     mask[7, 0] = mask[7, -1] = True  # a pair joined only across the seam
     mask[6, [0, 1, -2, -1]] = mask[8, [0, 1, -2, -1]] = False
     mask[7, [1, -2]] = False
-    got = drop_isolated(da.from_array(mask, chunks=chunks), wrap_x=wrap_x).compute()
+    sig = da.from_array(mask * 2.0, chunks=chunks)
+    got = clean_tiled(sig, 1.0, remove_isolated=True, island_threshold=None, wrap_x=wrap_x)
+    got = got.compute()
     labels = brute_labels(mask, wrap_x=wrap_x)
     expected = mask & (np.bincount(labels.ravel())[labels] != 1)
     np.testing.assert_array_equal(got, expected)
@@ -224,7 +227,7 @@ def test_cleaning_keeps_component_whose_maximum_is_in_another_tile() -> None:
     sig[0, 2:10, 5:7] = 2.0
     sig[0, 3, 5] = 5.0
     sig[0, 9, 2] = 5.0  # a bright isolated pixel
-    got = clean_support(
+    got = clean_tiled(
         da.from_array(sig, chunks=(1, 6, 6)), 1.0, remove_isolated=True, island_threshold=4.0
     ).compute()
     expected = np.zeros((12, 12), dtype=bool)
@@ -270,7 +273,7 @@ def test_no_task_gathers_the_map_and_building_computes_nothing() -> None:
     tiles = da.from_array(sig, chunks=(2, 24, 32)).persist()
     counter = LargestResult()
     with counter:
-        kept = clean_support(tiles, 1.0, remove_isolated=True, island_threshold=2.5)
+        kept = clean_tiled(tiles, 1.0, remove_isolated=True, island_threshold=2.5)
         labels, sizes, maxima = label_components(tiles > 1.0, tiles)
         assert counter.starts == 0
         kept, labels, sizes, maxima = dask.persist(kept, labels, sizes, maxima)
@@ -283,7 +286,7 @@ def test_no_task_gathers_the_map_and_building_computes_nothing() -> None:
     assert max(per_tile.values()) <= 2 * 24 * 32 * 8, per_tile
     assert max(joining.values()) <= sig.nbytes / 8, joining
     expected = np.stack(
-        [core.clean_support(s, 1.0, remove_isolated=True, island_threshold=2.5) for s in sig]
+        [clean_whole_map(s, 1.0, remove_isolated=True, island_threshold=2.5) for s in sig]
     )
     np.testing.assert_array_equal(kept.compute(), expected)
     assert_same_partition(labels.compute(), brute_labels(sig > 1.0, wrap_x=False))
@@ -294,7 +297,7 @@ def test_bad_input() -> None:
     with pytest.raises(InputError, match="boolean"):
         label_components(da.zeros((4, 4), chunks=2))
     with pytest.raises(InputError, match="image"):
-        drop_isolated(da.zeros((4,), dtype=bool, chunks=2))
+        clean_tiled(da.zeros((4,), chunks=2), 1.0, remove_isolated=True, island_threshold=None)
     with pytest.raises(InputError, match="shape"):
         label_components(da.zeros((4, 4), dtype=bool, chunks=2), da.zeros((4, 5), chunks=2))
 
@@ -310,6 +313,6 @@ def test_each_tile_is_labelled_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ndimage, "label", counting_label)
     sig = da.from_array(np.random.default_rng(2).normal(size=(2, 30, 40)), chunks=(2, 10, 8))
     labels, sizes, maxima = label_components(sig > 1.0, sig)
-    kept = clean_support(sig, 1.0, remove_isolated=True, island_threshold=2.0)
+    kept = clean_tiled(sig, 1.0, remove_isolated=True, island_threshold=2.0)
     dask.compute(labels, sizes, maxima, kept)
     assert len(calls) == sig.numblocks[1] * sig.numblocks[2]
