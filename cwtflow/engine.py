@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -14,49 +12,19 @@ import xarray as xr
 
 from . import core
 from .errors import InputError
+from .iteration import IterationInfo, Settings, Sink, Step, run_summary, variance_ratio
 from .kernels import CWTKernels
 from .maps import is_allsky, validate_maps, wcs_from_attrs
 from .state import initial_state, new_state
+from .store_writer import ZarrSink
+from .tiled import TiledStep
 
-__all__ = ["CWT", "IterationInfo"]
-
-
-@dataclass(frozen=True)
-class IterationInfo:
-    """What one iteration reports: its number (1-based), the residual variance, the relative
-    change of that variance (NaN for the first iteration), convergence, and the support size
-    (pixels in the 2-D support)."""
-
-    iteration: int
-    residual_variance: float
-    variance_ratio: float
-    converged: bool
-    support_size: int
-
-    def attrs(self) -> dict[str, Any]:
-        """JSON-ready form stored in the attrs of the state after this iteration."""
-        ratio = None if math.isnan(self.variance_ratio) else self.variance_ratio
-        return {
-            "iteration": self.iteration,
-            "residual_variance": self.residual_variance,
-            "variance_ratio": ratio,
-            "converged": self.converged,
-            "support_size": self.support_size,
-        }
-
-
-def variance_ratio(previous: float | None, current: float) -> float:
-    """``|v_prev - v| / v_prev``; NaN when there is no previous variance."""
-    if previous is None:
-        return math.nan
-    if previous == 0:
-        return 0.0 if current == 0 else math.inf
-    return abs(previous - current) / previous
+__all__ = ["CWT"]
 
 
 class CWT:
-    """Iterative multi-scale wavelet filter (Terrier et al. 2001) as specified in the cwtflow
-    algorithm reference.
+    """Iterative multi-scale wavelet filter (Terrier et al. 2001) as specified in
+    ``docs/algorithm.md``.
 
     Parameters
     ----------
@@ -116,18 +84,36 @@ class CWT:
             significance_island_threshold
         ):
             raise InputError("significance_island_threshold must be finite or None")
-        self.kernels = kernels
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
-        self.significance_threshold = float(significance_threshold)
-        self.significance_island_threshold = (
-            None if significance_island_threshold is None else float(significance_island_threshold)
+        #: Every setting of the run as one frozen value: what the steps and sinks receive.
+        self.settings = Settings(
+            kernels=kernels,
+            cleaning=core.Cleaning(
+                threshold=float(significance_threshold),
+                remove_isolated=bool(remove_isolated),
+                island_threshold=(
+                    None
+                    if significance_island_threshold is None
+                    else float(significance_island_threshold)
+                ),
+            ),
+            max_iter=int(max_iter),
+            tol=float(tol),
+            keep_history=bool(keep_history),
+            wrap_lon=wrap_lon,
+            fft_workers=int(fft_workers),
         )
-        self.remove_isolated = bool(remove_isolated)
-        self.keep_history = bool(keep_history)
-        self.wrap_lon = wrap_lon
-        self.fft_workers = int(fft_workers)
         self.history: list[xr.Dataset] = []
+
+    # the constructor's settings, read-only (change them by building a new estimator)
+    kernels = property(lambda self: self.settings.kernels)
+    max_iter = property(lambda self: self.settings.max_iter)
+    tol = property(lambda self: self.settings.tol)
+    significance_threshold = property(lambda self: self.settings.cleaning.threshold)
+    significance_island_threshold = property(lambda self: self.settings.cleaning.island_threshold)
+    remove_isolated = property(lambda self: self.settings.cleaning.remove_isolated)
+    keep_history = property(lambda self: self.settings.keep_history)
+    wrap_lon = property(lambda self: self.settings.wrap_lon)
+    fft_workers = property(lambda self: self.settings.fft_workers)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
@@ -135,16 +121,7 @@ class CWT:
 
     def parameters(self) -> dict[str, Any]:
         """All settings that determine the numbers, JSON-ready (kernels included)."""
-        return {
-            **self.kernels.to_dict(),
-            "max_iter": self.max_iter,
-            "tol": self.tol,
-            "significance_threshold": self.significance_threshold,
-            "significance_island_threshold": self.significance_island_threshold,
-            "remove_isolated": self.remove_isolated,
-            "keep_history": self.keep_history,
-            "wrap_lon": self.wrap_lon,
-        }
+        return self.settings.parameters()
 
     def wraps(self, data: xr.Dataset) -> bool:
         """Whether longitude is periodic for ``data`` under this estimator's ``wrap_lon``."""
@@ -211,21 +188,20 @@ class CWT:
         data = validate_maps(data)
         if chunks is not None:
             data = data.chunk(_chunk_spec(chunks))
+        settings = self.settings
         wrap = self.wraps(data)
+        step: Step
         if _is_lazy(data):
-            from .tiled import TiledStep
-
-            step: Any = TiledStep(self, data, wrap)
+            step = TiledStep(settings, data, wrap)
         else:
-            step = _InMemoryStep(self, data, wrap)
+            step = _InMemoryStep(settings, data, wrap)
+        sink: Sink
         if store is not None:
-            from .history import ZarrSink
-
-            sink: Any = ZarrSink(store, self, data, resume=resume, overwrite=overwrite)
+            sink = ZarrSink(store, settings, data, resume=resume, overwrite=overwrite)
         elif resume:
             raise InputError("resume=True needs a store to resume from")
         else:
-            sink = _MemorySink(keep=self.keep_history)
+            sink = _MemorySink(keep=settings.keep_history)
         state, done = sink.start(initial_state(data, self.kernels))
         infos: list[IterationInfo] = list(done)
         while len(infos) < self.max_iter and not (infos and infos[-1].converged):
@@ -240,14 +216,7 @@ class CWT:
             if callback is not None:
                 callback(info)
         self.history = sink.history
-        state.attrs.update(
-            {
-                "iterations": len(infos),
-                "converged": bool(infos and infos[-1].converged),
-                "residual_variance": [i.residual_variance for i in infos],
-                "parameters": self.parameters(),
-            }
-        )
+        state.attrs.update(run_summary(infos, self.parameters()))
         return state
 
     def _analyze_on(
@@ -304,26 +273,23 @@ def _chunk_spec(chunks: int | tuple[int, int] | dict[str, int]) -> dict[str, int
 class _InMemoryStep:
     """One iteration on whole-map numpy arrays; kernel and input spectra are kept across calls."""
 
-    def __init__(self, cwt: CWT, data: xr.Dataset, wrap: bool) -> None:
-        self.cwt = cwt
+    def __init__(self, settings: Settings, data: xr.Dataset, wrap: bool) -> None:
+        self.settings = settings
         self.wrap = wrap
         self.counts = np.asarray(data["counts"].values, dtype=np.float64)
         self.background = np.asarray(data["background"].values, dtype=np.float64)
-        grid = core.fft_shape(self.counts.shape, cwt.kernels.halo, periodic=(False, wrap))
-        self.spectra = core.kernel_spectra(cwt.kernels, grid)
-        self.const = core.image_spectra(
-            self.counts, self.background, shape=grid, workers=cwt.fft_workers
-        )
-        self.approx_bkg = core.convolve_approx(
-            self.background, self.spectra, workers=cwt.fft_workers
-        )
+        workers = settings.fft_workers
+        grid = core.fft_shape(self.counts.shape, settings.kernels.halo, periodic=(False, wrap))
+        self.spectra = core.kernel_spectra(settings.kernels, grid)
+        self.const = core.image_spectra(self.counts, self.background, shape=grid, workers=workers)
+        self.approx_bkg = core.convolve_approx(self.background, self.spectra, workers=workers)
 
     #: the whole map is one numpy array: no tiles to compute apart
     independent_tiles = None
 
     def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, np.ndarray]:
         """The state after one more iteration and its `core.residual_moments`, shape (4,)."""
-        cwt = self.cwt
+        settings, cleaning = self.settings, self.settings.cleaning
         model = state["model"].values
         transform, error_sq, approx = core.convolve_step(
             self.counts,
@@ -332,23 +298,14 @@ class _InMemoryStep:
             state["approx"].values,
             self.spectra,
             const_spectra=self.const,
-            workers=cwt.fft_workers,
+            workers=settings.fft_workers,
         )
         # the planes returned are fresh views of one buffer: E goes in place of E**2
-        island = cwt.significance_island_threshold
-        sig = np.empty(model.shape) if island is not None else None
+        sig = None if cleaning.local else np.empty(model.shape)
         support = state["support"].values.copy()
         for i in range(transform.shape[0]):
-            mask = core._error_and_mask(
-                transform[i], error_sq[i], cwt.significance_threshold, sig=sig
-            )
-            support[i] |= core._clean_mask(
-                mask,
-                sig,
-                remove_isolated=cwt.remove_isolated,
-                island_threshold=island,
-                wrap_x=self.wrap,
-            )
+            mask = core.error_and_mask(transform[i], error_sq[i], cleaning.threshold, sig=sig)
+            support[i] |= core.clean_mask(mask, sig, cleaning, wrap_x=self.wrap)
         error = error_sq
         transform_2d, model = core.update_model(model, support, transform)
         arrays = {
@@ -363,7 +320,7 @@ class _InMemoryStep:
             "support": support,
         }
         moments = core.residual_moments(self.counts, model, approx, support)
-        return new_state(state, arrays, cwt.kernels), moments
+        return new_state(state, arrays, settings.kernels), moments
 
 
 class _MemorySink:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from astropy.table import Table
@@ -133,3 +135,12 @@ class CWTKernels:
     def to_dict(self) -> dict[str, float | int]:
         """The three defining parameters, JSON-ready."""
         return {"n_scale": self.n_scale, "min_scale": self.min_scale, "step_scale": self.step_scale}
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> CWTKernels:
+        """The kernels of ``params`` (`to_dict`'s keys; other keys, such as the rest of a run's
+        parameters, are ignored). A missing key raises `InputError`."""
+        try:
+            return cls(params["n_scale"], params["min_scale"], params["step_scale"])
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"kernel parameters incomplete or malformed: {exc!r}") from None

@@ -3,7 +3,7 @@
 Each iteration is one lazy dask graph; nothing is computed here (the sink materialises the new
 state and the per-tile statistics). Per iteration:
 
-1. one task per tile over C, B, M and A with a halo of `halo_depth` pixels (zeros beyond the
+1. one task per tile over C, B, M and A with a halo of ``kernels.halo`` pixels (zeros beyond the
    map edge; periodic in x for all-sky maps) calls `core.convolve_step` and
    `core.significance` and keeps the tile interior: T, E, significance, new A;
 2. support cleaning: with an island threshold a global step with dask
@@ -21,9 +21,8 @@ write the new state a group of tiles at a time.
 ``approx_bkg = conv(B, G)`` is constant: the first call computes it (`core.convolve_approx`
 per tile); later calls take it from the materialised state they are given.
 
-The halo is exchanged by `_halo_graph` rather than `dask.array.overlap`: a block's neighbours
-receive small copies of its edges, not views of it, and each tile task assembles its own halo
-(`_overlapped_tiles`), so no halo-sized copy of a tile waits between tasks.
+The halo is exchanged by `cwtflow.halo.overlapped_tiles` (equivalent to `dask.array.overlap`,
+without halo-sized copies waiting between tasks).
 
 Tile geometry, per axis: an axis cut into several tiles overlaps by the halo (dask pads the map
 edge with zeros, or periodically); an axis that is one tile is not overlapped: its zero
@@ -34,61 +33,22 @@ one set of kernel spectra serves all tiles (`core.kernel_spectra` caches it per 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import scipy.fft
 import xarray as xr
-from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
-from dask.utils import apply, funcname
 
 from . import core, labels
+from .core import Cleaning
+from .halo import overlapped_tiles, tile_chunks
+from .iteration import Settings
 from .kernels import CWTKernels
 from .state import new_state
 
-if TYPE_CHECKING:
-    from .engine import CWT
-
-__all__ = ["TiledStep", "halo_depth", "tile_chunks"]
-
-
-def halo_depth(kernels: CWTKernels) -> tuple[int, int]:
-    """Overlap (pixels, per axis y and x) a tile needs for exact convolutions.
-
-    Half the side of the largest kernel (wavelets and approximation): a pixel's convolution
-    reads the pixels within that distance. Equals ``(kernels.halo, kernels.halo)``.
-    """
-    arrays = (*kernels.wavelets, kernels.approx)
-    return (
-        max(k.shape[0] for k in arrays) // 2,
-        max(k.shape[1] for k in arrays) // 2,
-    )
-
-
-def tile_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """Chunk sizes along one axis merged with their neighbours until each is at least ``depth``.
-
-    Dask's overlap reads the halo from the neighbouring chunk only, so every chunk of an axis
-    cut in several must hold ``depth`` pixels. The boundaries kept are a subset of the input's,
-    so results rechunk back cheaply. An axis shorter than ``depth`` becomes one chunk.
-    """
-    merged: list[int] = []
-    run = 0
-    for size in chunks:
-        run += size
-        if run >= depth:
-            merged.append(run)
-            run = 0
-    if run:
-        if merged:
-            merged[-1] += run
-        else:
-            merged.append(run)
-    return tuple(merged)
+__all__ = ["TiledStep"]
 
 
 def _grid_length(chunks: tuple[int, ...], depth: int, periodic: bool) -> int:
@@ -115,135 +75,6 @@ def _interior(image: np.ndarray, offsets: tuple[int, int]) -> tuple[slice, slice
     return slice(oy, ny - oy), slice(ox, nx - ox)
 
 
-def _pieces(block: np.ndarray, depth: tuple[int, int]) -> dict[tuple[int, int], np.ndarray]:
-    """Copies of the edges of one block that its neighbours need as halo.
-
-    Key ``(sy, sx)``: the piece read by the tile at ``-(sy, sx)`` blocks from this one (rows
-    ``-dy:`` for ``sy = -1``, ``:dy`` for ``+1``, all for 0; columns alike). Copies, not views,
-    so that the block itself is released as soon as its own tile has run.
-    """
-    dy, dx = depth
-    ny, nx = block.shape
-    rows = {-1: slice(ny - dy, ny), 0: slice(None), 1: slice(0, dy)}
-    cols = {-1: slice(nx - dx, nx), 0: slice(None), 1: slice(0, dx)}
-    return {
-        (sy, sx): np.array(block[rows[sy], cols[sx]])
-        for sy in ((-1, 0, 1) if dy else (0,))
-        for sx in ((-1, 0, 1) if dx else (0,))
-        if (sy, sx) != (0, 0)
-    }
-
-
-def _assemble(
-    block: np.ndarray,
-    neighbours: list[list[dict[tuple[int, int], np.ndarray] | None]],
-    depth: tuple[int, int],
-) -> np.ndarray:
-    """One block with its halo from the neighbours' pieces (None: zeros beyond the map)."""
-    dy, dx = depth
-    ny, nx = block.shape
-    sys_ = (-1, 0, 1) if dy else (0,)
-    sxs = (-1, 0, 1) if dx else (0,)
-    size = {-1: (dy, dx), 0: (ny, nx), 1: (dy, dx)}
-    rows = []
-    for a, sy in enumerate(sys_):
-        row = []
-        for b, sx in enumerate(sxs):
-            if (sy, sx) == (0, 0):
-                row.append(block)
-                continue
-            pieces = neighbours[a][b]
-            if pieces is None:
-                row.append(np.zeros((size[sy][0], size[sx][1]), dtype=block.dtype))
-            else:
-                row.append(pieces[(sy, sx)])
-        rows.append(row)
-    return np.block(rows)
-
-
-def _halo_graph(
-    image: da.Array, depth: tuple[int, int], periodic_x: bool
-) -> tuple[dict[Any, Any], dict[tuple[int, int], tuple[Any, list[list[Any]]]]]:
-    """The halo exchange of a 2-D ``image``: its pieces tasks and, per block, what to assemble
-    (the same tiles as `dask.array.overlap`, zeros beyond the map or periodic in x).
-
-    Returns ``(dsk, sources)``: ``dsk`` holds one `_pieces` task per block; ``sources[i, j]``
-    is ``(block key, neighbours)`` with ``neighbours`` the 3 x 3 (or 1 x 3, 3 x 1) grid of
-    `_assemble`'s argument as task keys (None beyond the map; periodic in x with
-    ``periodic_x``). An axis of depth 0 gets no halo.
-    """
-    dy, dx = depth
-    pieces_name = f"halo-pieces-{tokenize(image, dy, dx, periodic_x)}"
-    nby, nbx = image.numblocks
-    dsk: dict[Any, Any] = {}
-    sources: dict[tuple[int, int], tuple[Any, list[list[Any]]]] = {}
-    for i, j in np.ndindex(nby, nbx):
-        dsk[(pieces_name, i, j)] = (_pieces, (image.name, i, j), depth)
-    for i, j in np.ndindex(nby, nbx):
-        neighbours = []
-        for sy in (-1, 0, 1) if dy else (0,):
-            row = []
-            for sx in (-1, 0, 1) if dx else (0,):
-                ii, jj = i + sy, j + sx
-                if periodic_x:
-                    jj %= nbx
-                inside = 0 <= ii < nby and 0 <= jj < nbx
-                row.append((pieces_name, ii, jj) if inside and (sy, sx) != (0, 0) else None)
-            neighbours.append(row)
-        sources[(i, j)] = ((image.name, i, j), neighbours)
-    return dsk, sources
-
-
-def _run_tile(
-    func: Any, blocks: list[Any], neighbours: list[Any], depth: tuple[int, int], **kwargs: Any
-) -> np.ndarray:
-    """``func`` on the tiles (block plus halo) assembled from each image's block and pieces."""
-    tiles = [_assemble(b, n, depth) for b, n in zip(blocks, neighbours, strict=True)]
-    return func(*tiles, **kwargs)
-
-
-def _overlapped_tiles(
-    func: Any,
-    images: Sequence[da.Array],
-    depth: tuple[int, int],
-    periodic_x: bool,
-    *,
-    planes: int | None,
-    block_id: bool = False,
-    **kwargs: Any,
-) -> da.Array:
-    """``func(*tiles, **kwargs)`` per block of ``images`` (same chunks), each tile with its halo.
-
-    One task per tile, which assembles the tiles from the block and its neighbours' pieces
-    itself: no tile-sized intermediate waits in memory between tasks, and dask's ordering sees
-    one task per tile consuming the inputs. ``func`` returns a (``planes``, ty, tx) array (or
-    (ty, tx) with ``planes=None``) of the tile interiors; with ``block_id`` it also receives
-    ``block_id=(0, i, j)`` (or ``(i, j)``).
-    """
-    graphs = [_halo_graph(image, depth, periodic_x) for image in images]
-    dsk: dict[Any, Any] = {}
-    for part, _ in graphs:
-        dsk.update(part)
-    name = (
-        f"{funcname(func).strip('_')}-{tokenize(func, *images, depth, periodic_x, planes, kwargs)}"
-    )
-    first = images[0]
-    for i, j in np.ndindex(*first.numblocks):
-        blocks = [sources[(i, j)][0] for _, sources in graphs]
-        neighbours = [sources[(i, j)][1] for _, sources in graphs]
-        extra = dict(kwargs)
-        if block_id:
-            extra["block_id"] = (i, j) if planes is None else (0, i, j)
-        task = (apply, _run_tile, [func, blocks, neighbours, depth], extra)
-        dsk[(name, i, j) if planes is None else (name, 0, i, j)] = task
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(images))
-    if planes is None:
-        chunks, meta = first.chunks, np.empty((0, 0))
-    else:
-        chunks, meta = ((planes,), *first.chunks), np.empty((0, 0, 0))
-    return da.Array(graph, name, chunks, dtype=np.float64, meta=meta)
-
-
 def _tile_iteration(
     counts: np.ndarray,
     background: np.ndarray,
@@ -254,17 +85,18 @@ def _tile_iteration(
     grid: tuple[int, int],
     offsets: tuple[int, int],
     wrap_pad: int,
-    clean: tuple[float, bool, tuple[bool, bool]] | None = None,
+    cleaning: Cleaning | None = None,
+    ring: tuple[bool, bool] = (False, False),
     n_blocks: tuple[int, int] = (1, 1),
     block_id: tuple[int, ...] = (0, 0, 0),
 ) -> np.ndarray:
     """One tile (with its halo) -> interior (3 n_scale + 1, ty, tx): T, E, third block, A.
 
-    Without ``clean`` the third block is the significance. With ``clean = (threshold,
-    remove_isolated, ring)`` it is the cleaned significant mask (0/1) of the tile: the tile
+    Without ``cleaning`` the third block is the significance. With a local ``cleaning`` (no
+    island threshold) it is the cleaned significant mask (0/1) of the tile: the tile
     carries one more pixel of halo than the convolutions need, so the significance of a
     one-pixel ring around the interior is exact and isolated pixels are dropped within the tile
-    (`labels.drop_isolated`'s rule). ``ring[ax]`` tells whether that axis's ring holds map
+    (`core.not_isolated`). ``ring[ax]`` tells whether that axis's ring holds map
     pixels (a halo or a periodic pad); ring pixels beyond a non-periodic map edge are never set.
     """
     kernels = _kernels(*kernels)
@@ -278,18 +110,16 @@ def _tile_iteration(
     n = kernels.n_scale
     out = np.empty((3 * n + 1, *transform[inside].shape[-2:]))
     out[:n] = transform[inside]
-    if clean is None:
+    if cleaning is None:
         error, sig = core.significance(transform[inside], error_sq[inside])
         out[n : 2 * n] = error
         out[2 * n : 3 * n] = sig
     else:
-        threshold, remove_isolated, ring = clean
         out[2 * n : 3 * n] = _clean_tile(
             transform,
             error_sq,
             out[n : 2 * n],
-            threshold=threshold,
-            remove_isolated=remove_isolated,
+            cleaning=cleaning,
             offsets=offsets,
             ring=ring,
             edges=_edges(block_id[-2:], n_blocks),
@@ -308,8 +138,7 @@ def _clean_tile(
     error_sq: np.ndarray,
     error_out: np.ndarray,
     *,
-    threshold: float,
-    remove_isolated: bool,
+    cleaning: Cleaning,
     offsets: tuple[int, int],
     ring: tuple[bool, bool],
     edges: tuple[tuple[bool, bool], ...],
@@ -329,7 +158,7 @@ def _clean_tile(
     error, sig = core.significance(transform[region], error_sq[region])
     centre = (slice(None), *(slice(None) if pad[0] else slice(1, -1) for pad in pads))
     error_out[...] = error[centre]
-    mask = np.pad(sig > threshold, ((0, 0), *pads))
+    mask = np.pad(sig > cleaning.threshold, ((0, 0), *pads))
     for ax, (low, high) in enumerate(edges):
         if pads[ax] != (0, 0) or ring[ax]:
             continue
@@ -340,9 +169,9 @@ def _clean_tile(
         if high:
             index[ax + 1] = -1
             mask[tuple(index)] = False
-    if not remove_isolated:
+    if not cleaning.remove_isolated:
         return mask[:, 1:-1, 1:-1]
-    return labels._not_isolated(mask)
+    return core.not_isolated(mask)
 
 
 def _tile_approx(
@@ -379,8 +208,8 @@ class TiledStep:
 
     Parameters
     ----------
-    cwt : CWT
-        The estimator (kernels, thresholds, cleaning options).
+    settings : Settings
+        The run's settings (kernels and cleaning rule are used).
     data : xarray.Dataset
         Validated input maps with dask-backed ``counts`` (or ``background``); their (y, x)
         chunks are the tiles and the chunking of every state returned.
@@ -396,9 +225,9 @@ class TiledStep:
     Building the graph computes nothing.
     """
 
-    def __init__(self, cwt: CWT, data: xr.Dataset, wrap: bool) -> None:
-        self.cwt = cwt
-        self.kernels = cwt.kernels
+    def __init__(self, settings: Settings, data: xr.Dataset, wrap: bool) -> None:
+        self.kernels = settings.kernels
+        self.cleaning = settings.cleaning
         self.wrap = bool(wrap)
         source = next(
             (data[n].data for n in ("counts", "background") if isinstance(data[n].data, da.Array)),
@@ -408,10 +237,11 @@ class TiledStep:
             source = da.asarray(data["counts"].data)
         #: (y, x) chunks of the inputs: the chunks of every state returned.
         self.chunks: tuple[tuple[int, ...], tuple[int, ...]] = source.chunks
-        depth = halo_depth(self.kernels)
+        halo = self.kernels.halo
+        depth = (halo, halo)
         #: cleaning inside the tiles: no island threshold, so no component crosses a tile
         #: border in a way that matters beyond one pixel; tiles carry one more pixel of halo.
-        self.local_clean = cwt.significance_island_threshold is None
+        self.local_clean = self.cleaning.local
         if self.local_clean:
             depth = (depth[0] + 1, depth[1] + 1)
         #: (y, x) chunks the iteration works on: each at least the halo (or the whole axis).
@@ -426,7 +256,6 @@ class TiledStep:
         split = tuple(len(c) > 1 for c in self.work_chunks)
         #: halo dask adds around each tile, per axis (none on an axis that is one tile).
         self.depth = {ax: depth[ax] if split[ax] else 0 for ax in (0, 1)}
-        self.boundary: dict[int, Any] = {0: 0, 1: "periodic" if self.wrap else 0}
         wrap_pad = depth[1] if self.wrap and not split[1] else 0
         offsets = (self.depth[0], self.depth[1] or wrap_pad)
         grid = (
@@ -441,13 +270,11 @@ class TiledStep:
         }
         self._clean_kwargs: dict[str, Any] = {}
         if self.local_clean:
-            seam = self.wrap and int(data.sizes["x"]) > 2  # see labels.drop_isolated
+            # a periodic seam adds neighbours only when a row has at least three pixels
+            seam = self.wrap and int(data.sizes["x"]) > 2
             self._clean_kwargs = {
-                "clean": (
-                    float(cwt.significance_threshold),
-                    bool(cwt.remove_isolated),
-                    (False, seam),
-                ),
+                "cleaning": self.cleaning,
+                "ring": (False, seam),
                 "n_blocks": (len(self.work_chunks[0]), len(self.work_chunks[1])),
                 "block_id": True,
             }
@@ -460,11 +287,11 @@ class TiledStep:
         self, func: Any, *images: da.Array, planes: int | None, **kwargs: Any
     ) -> da.Array:
         """``func`` on every tile of ``images`` with its halo; returns the tile interiors."""
-        return _overlapped_tiles(
+        return overlapped_tiles(
             func,
             images,
             (self.depth[0], self.depth[1]),
-            self.boundary[1] == "periodic",
+            self.wrap,
             planes=planes,
             **self._tile_kwargs,
             **kwargs,
@@ -472,7 +299,7 @@ class TiledStep:
 
     def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, da.Array]:
         """The lazy state after one more iteration and its lazy per-tile moments."""
-        cwt, n = self.cwt, self.kernels.n_scale
+        n = self.kernels.n_scale
         counts, background, model, approx = (
             self._image(state[name].data) for name in ("counts", "background", "model", "approx")
         )
@@ -502,13 +329,7 @@ class TiledStep:
         if self.local_clean:
             kept = third > 0.5  # the cleaned mask, 0/1, computed in the tiles
         else:
-            kept = labels.clean_support(
-                third,
-                cwt.significance_threshold,
-                remove_isolated=cwt.remove_isolated,
-                island_threshold=cwt.significance_island_threshold,
-                wrap_x=self.wrap,
-            )
+            kept = labels.clean_support(third, self.cleaning, wrap_x=self.wrap)
         support = previous_support | kept
         updated = da.map_blocks(
             _tile_update,

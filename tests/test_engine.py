@@ -9,7 +9,7 @@ import pytest
 import reference as ref
 import xarray as xr
 from astropy.wcs import WCS
-from conftest import random_arrays
+from helpers import random_arrays
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -47,3 +47,18 @@ def test_kernels_are_read_only():
 def test_bad_parameters(args):
     with pytest.raises(InputError):
         CWTKernels(*args)
+
+
+@pytest.mark.parametrize(
+    "kernels", [CWTKernels(1, 1.0, 1.5), CWTKernels(3, 0.8, 1.4), CWTKernels(2, 1.0, 2.0)]
+)
+def test_halo_is_half_the_largest_kernel(kernels: CWTKernels) -> None:
+    largest = max(k.shape[0] for k in (*kernels.wavelets, kernels.approx))
+    assert kernels.halo == largest // 2 and kernels.size == largest
+
+
+def test_from_dict_inverts_to_dict() -> None:
+    kernels = CWTKernels(3, 0.8, 1.4)
+    assert CWTKernels.from_dict({**kernels.to_dict(), "max_iter": 4}) == kernels
+    with pytest.raises(InputError, match="step_scale"):
+        CWTKernels.from_dict({"n_scale": 2, "min_scale": 1.0})

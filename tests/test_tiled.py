@@ -17,7 +17,7 @@ import cwtflow
 from cwtflow import CWT, CWTKernels
 from cwtflow.maps import default_wcs
 from cwtflow.state import STATE_VARS, initial_state
-from cwtflow.tiled import TiledStep, _overlapped_tiles, _pieces, halo_depth, tile_chunks
+from cwtflow.tiled import TiledStep
 
 KERNELS = CWTKernels(n_scale=2, min_scale=1.0, step_scale=1.5)  # halo 9 pixels
 SMALL_KERNELS = [
@@ -131,7 +131,7 @@ def test_allsky_wrap(shape, chunks) -> None:
     # a source on the seam; "narrow" maps are fewer pixels wide than the halo (16)
     data = sky(3, shape, [(shape[0] / 2, -0.5), (4.0, shape[1] / 3)], wrap=True)
     kernels = CWTKernels(2, 1.0, 2.0)
-    assert CWT(kernels).wraps(data) and halo_depth(kernels)[1] > 12
+    assert CWT(kernels).wraps(data) and kernels.halo > 12
     tiled = compare(data, chunks, kernels, significance_island_threshold=4.0)
     row = int(shape[0] / 2)
     assert tiled["support"].values.any(axis=0)[row, [0, -1]].all()
@@ -199,64 +199,6 @@ def test_tiled_equals_in_memory_property(run) -> None:
 # --- geometry helpers ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernels", SMALL_KERNELS)
-def test_halo_depth_is_half_the_largest_kernel(kernels: CWTKernels) -> None:
-    largest = max(k.shape[0] for k in (*kernels.wavelets, kernels.approx))
-    assert halo_depth(kernels) == (largest // 2, largest // 2) == (kernels.halo, kernels.halo)
-
-
-@given(
-    chunks=st.lists(st.integers(1, 30), min_size=1, max_size=12).map(tuple),
-    depth=st.integers(0, 40),
-)
-def test_tile_chunks_merge_small_chunks(chunks: tuple[int, ...], depth: int) -> None:
-    merged = tile_chunks(chunks, depth)
-    assert sum(merged) == sum(chunks)
-    assert len(merged) == 1 or min(merged) >= depth
-    # boundaries kept are boundaries of the input
-    assert set(np.cumsum(merged).tolist()) <= set(np.cumsum(chunks).tolist())
-    if min(chunks) >= depth:
-        assert merged == chunks
-
-
-@pytest.mark.parametrize("periodic", [False, True])
-@pytest.mark.parametrize(
-    ("chunks", "depth"),
-    [(((5, 7, 6), (4, 9, 8, 5)), (3, 4)), (((18,), (9, 8, 9)), (0, 2))],
-)
-def test_tiles_get_the_halo_of_dask_overlap(chunks, depth, periodic: bool) -> None:
-    """Each tile task sees its block with the halo `dask.array.overlap` would give it."""
-    rng = np.random.default_rng(3)
-    images = [da.from_array(rng.normal(size=[sum(c) for c in chunks]), chunks=chunks)]
-    images.append(images[0] * 2.0)
-    boundary = {0: 0, 1: "periodic" if periodic else 0}
-
-    def tiles(first, second, block_id):
-        return np.stack([first, second, np.full(first.shape, block_id[1] * 10 + block_id[2])])
-
-    ours = _overlapped_tiles(tiles, images, depth, periodic, planes=3, block_id=True)
-    assert ours.chunks == ((3,), *chunks)  # declared: the tile interiors
-    expected = da.overlap.overlap(
-        images[0], depth=dict(enumerate(depth)), boundary=boundary, allow_rechunk=False
-    )
-    blocks = ours.to_delayed()[0]
-    for (i, j), block in np.ndenumerate(expected.to_delayed()):
-        got = blocks[i, j].compute()
-        want = block.compute()
-        np.testing.assert_array_equal(got[0], want)
-        np.testing.assert_array_equal(got[1], 2.0 * want)
-        assert (got[2] == i * 10 + j).all()
-
-
-def test_halo_pieces_are_copies_of_the_edges() -> None:
-    block = np.arange(30.0).reshape(5, 6)
-    pieces = _pieces(block, (2, 3))
-    assert set(pieces) == {(sy, sx) for sy in (-1, 0, 1) for sx in (-1, 0, 1)} - {(0, 0)}
-    np.testing.assert_array_equal(pieces[(-1, 1)], block[3:, :3])
-    np.testing.assert_array_equal(pieces[(1, 0)], block[:2])
-    assert not any(np.shares_memory(piece, block) for piece in pieces.values())
-
-
 # --- laziness and graph structure ----------------------------------------------------------
 
 
@@ -295,7 +237,7 @@ def test_building_a_step_computes_nothing() -> None:
         raise AssertionError("a computation was started while building the graph")
 
     with recorder, dask.config.set(scheduler=refuse):
-        step = TiledStep(cwt, data, False)
+        step = TiledStep(cwt.settings, data, False)
         state = initial_state(data, KERNELS)
         for _ in range(2):  # a second step on the lazy first one: still nothing computed
             state, moments = step(state)
@@ -312,7 +254,7 @@ def test_no_task_gathers_the_map() -> None:
     data = cwtflow.validate_maps(sky(6, (96, 160), [(30.0, 40.0), (70.0, 120.0)]))
     data = data.chunk({"y": 24, "x": 32})
     cwt = CWT(KERNELS, significance_island_threshold=4.0)
-    step = TiledStep(cwt, data, False)
+    step = TiledStep(cwt.settings, data, False)
     (state,) = dask.persist(initial_state(data, KERNELS))
     state, _ = step(state)
     (state,) = dask.persist(state)  # a state with support and a model, like any later step
