@@ -36,6 +36,7 @@ from .analysis import images
 from .errors import InputError, StoreError
 from .maps import make_maps, validate_maps, wcs_from_attrs
 from .state import CARRIED, CUBES, IMAGES, STATE_VARS
+from .version import __version__
 
 __all__ = [
     "atomic_output",
@@ -208,23 +209,13 @@ def _read_image(
     return image, wcs, label
 
 
-def _check_values(image: np.ndarray, role: str, label: str) -> None:
-    nonfinite = int(np.count_nonzero(~np.isfinite(image)))
-    if nonfinite:
-        raise InputError(f"{role} (HDU {label!r}) has {nonfinite} NaN or infinite pixels")
-    negative = int(np.count_nonzero(image < 0))
-    if negative:
-        raise InputError(
-            f"{role} (HDU {label!r}) has {negative} negative pixels (min {image.min():g})"
-        )
-
-
 def read_maps(
     path: PathLike,
     *,
     counts_hdu: HDUKey = "COUNTS",
     background_hdu: HDUKey = "BACKGROUND",
     exposure_hdu: HDUKey | None = None,
+    check_values: bool = True,
 ) -> xr.Dataset:
     """Read counts and background maps (and optionally exposure) from one FITS file.
 
@@ -240,6 +231,10 @@ def read_maps(
         when the file has one and otherwise goes without exposure; a name or index makes that
         HDU required. Exposure found either way is checked like the background (shape, WCS,
         finite and non-negative values).
+    check_values : bool
+        Refuse NaN, infinite or negative pixels here. ``False`` leaves that pass over the pixels
+        to `CWT.analyze`, which validates its input anyway (the command line reads this way,
+        so that the pixels are checked once).
 
     Returns
     -------
@@ -276,10 +271,9 @@ def read_maps(
                     f"WCS of {role} HDU {label!r} differs from counts HDU {counts_label!r}: {diff}"
                 )
             layers[role] = (image, label)
-    for role, (image, label) in layers.items():
-        _check_values(image, role, label)
     exposure = layers.get("exposure", (None, None))[0]
-    return make_maps(counts, layers["background"][0], wcs, exposure=exposure)
+    data = make_maps(counts, layers["background"][0], wcs, exposure=exposure)
+    return validate_maps(data) if check_values else data
 
 
 def _wcs_header(attrs: Mapping[str, Any]) -> fits.Header:
@@ -371,8 +365,6 @@ def _image_hdu(name: str, kind: str, var: xr.Variable, wcs_header: fits.Header) 
 
 
 def _primary_hdu(attrs: Mapping[str, Any]) -> fits.PrimaryHDU:
-    from . import __version__
-
     hdu = fits.PrimaryHDU()
     header = hdu.header
     header[MARKER] = (__version__, "cwtflow CWT state file, writer version")

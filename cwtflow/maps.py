@@ -151,8 +151,9 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
     """Check an input Dataset and return it with float64 ``counts``/``background`` on (y, x).
 
     Raises `InputError` naming the problem: missing variable, wrong dims, shape mismatch, empty
-    map, NaN/inf, negative counts or background, missing or non-celestial WCS. Lazy
-    (dask-backed) inputs are checked with dask reductions, not loaded.
+    map, NaN/inf or negative pixels in counts, background or exposure (with their number),
+    missing or non-celestial WCS. Lazy (dask-backed) inputs are checked with dask reductions,
+    not loaded. The one check of pixel values: `cwtflow.read_maps` and `CWT.analyze` use it.
     """
     if not isinstance(data, xr.Dataset):
         raise InputError(f"expected an xarray.Dataset, got {type(data).__name__}")
@@ -165,22 +166,29 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
         raise InputError(f"empty map: shape {(data.sizes['y'], data.sizes['x'])}")
     _check_celestial(wcs_from_attrs(data.attrs))
     out = data.copy()
-    for name in ("counts", "background"):
+    names = [n for n in ("counts", "background", "exposure") if n in data]
+    for name in names:
+        if data[name].dims != ("y", "x"):
+            raise InputError(f"'{name}' must have dims ('y', 'x'), got {data[name].dims}")
         out[name] = data[name].astype(np.float64)
-    checks = {
-        "counts": out["counts"],
-        "background": out["background"],
-    }
-    bad = {}
-    for name, var in checks.items():
-        bad[f"{name}_nonfinite"] = (~np.isfinite(var)).any()
-        bad[f"{name}_negative"] = (var < 0).any()
-    flags = {k: bool(v) for k, v in xr.Dataset(bad).compute().data_vars.items()}
-    for name in checks:
-        if flags[f"{name}_nonfinite"]:
-            raise InputError(f"{name} contains NaN or infinite pixels")
-        if flags[f"{name}_negative"]:
-            raise InputError(f"{name} contains negative pixels")
+    # one pass over the pixels, every count in one computation (dask reductions when lazy)
+    stats = {}
+    for name in names:
+        var = out[name]
+        stats[f"{name}_nonfinite"] = (~np.isfinite(var)).sum()
+        stats[f"{name}_negative"] = (var < 0).sum()
+        stats[f"{name}_min"] = var.min()
+    values = {k: v.item() for k, v in xr.Dataset(stats).compute().data_vars.items()}
+    for name in names:
+        size = out[name].size
+        if values[f"{name}_nonfinite"]:
+            n = values[f"{name}_nonfinite"]
+            raise InputError(
+                f"{name} contains NaN or infinite pixels ({n} NaN or infinite of {size})"
+            )
+        if values[f"{name}_negative"]:
+            n, low = values[f"{name}_negative"], values[f"{name}_min"]
+            raise InputError(f"{name} contains negative pixels ({n} negative pixels, min {low:g})")
     return out
 
 

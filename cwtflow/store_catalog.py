@@ -1,4 +1,5 @@
-"""A source catalog kept in a run's zarr store, next to its history (group ``catalog``).
+"""A source catalog kept in a run's zarr store, next to its history (group ``catalog``), and
+the catalog of a stored result (`catalog_of_result`, the policy of ``cwtflow catalog``).
 
 Layout: one 1-D array per catalog column on the dimension ``source``, each with ``units`` and
 ``description`` attrs (plain zarr readers see them as they see the iterations); the group attrs
@@ -19,10 +20,14 @@ import xarray as xr
 import zarr
 from astropy.table import Table
 
-from .errors import StoreError
-from .history import COMPLETE, _delete_group, _is_complete, _open_group, open_history
+from .catalog import find_sources
+from .errors import InputError, StoreError
+from .formats import is_store
+from .history import open_history
+from .io import read_maps, read_state
+from .store import COMPLETE, delete_group, is_complete, open_group
 
-__all__ = ["CATALOG_GROUP", "read_store_catalog", "write_store_catalog"]
+__all__ = ["CATALOG_GROUP", "catalog_of_result", "read_store_catalog", "write_store_catalog"]
 
 CATALOG_GROUP = "catalog"
 
@@ -47,9 +52,9 @@ def write_store_catalog(
     """
     path = Path(path).expanduser()
     open_history(path)  # refuses anything that is not a readable cwtflow store
-    if _is_complete(_open_group(path, CATALOG_GROUP)) and not overwrite:
+    if is_complete(open_group(path, CATALOG_GROUP)) and not overwrite:
         raise StoreError(f"{path} already holds a catalog (use overwrite to replace it)")
-    _delete_group(path, CATALOG_GROUP)
+    delete_group(path, CATALOG_GROUP)
     columns = {}
     for name in table.colnames:
         column = table[name]
@@ -66,7 +71,7 @@ def write_store_catalog(
 def read_store_catalog(path: str | os.PathLike[str]) -> Table | None:
     """The catalog kept in the run store at ``path``, or None when it has none (complete)."""
     path = Path(path).expanduser()
-    if not _is_complete(_open_group(path, CATALOG_GROUP)):
+    if not is_complete(open_group(path, CATALOG_GROUP)):
         return None
     ds = xr.open_zarr(str(path), group=CATALOG_GROUP, consolidated=False).load()
     table = Table(meta=ds.attrs.get("meta", {}))
@@ -77,3 +82,49 @@ def read_store_catalog(path: str | os.PathLike[str]) -> Table | None:
         if "units" in var.attrs:
             table[name].unit = var.attrs["units"]
     return table
+
+
+def catalog_of_result(
+    path: str | os.PathLike[str],
+    *,
+    exposure_maps: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> tuple[Table, bool]:
+    """`cwtflow.find_sources` on the result stored at ``path``, with the policy of
+    ``cwtflow catalog``.
+
+    Parameters
+    ----------
+    path : path
+        A run's zarr store (``.zarr``, its final state) or a FITS state (`write_state`).
+    exposure_maps : path, optional
+        FITS maps whose EXPOSURE HDU gives the fluxes; without it, a store's own stored
+        exposure (if any) is used.
+    overwrite : bool
+        A store that already holds a catalog is refused unless this is set.
+    **options
+        Keyword arguments of `cwtflow.find_sources` (not ``exposure``).
+
+    Returns
+    -------
+    (table, in_store) : the catalog, and whether ``path`` is a store (where the caller may
+    keep it with `write_store_catalog`).
+    """
+    path = Path(path).expanduser()
+    exposure = None
+    in_store = is_store(path)
+    if in_store:
+        history = open_history(path)
+        if read_store_catalog(path) is not None and not overwrite:
+            raise StoreError(f"{path} already holds a catalog (use --overwrite to replace it)")
+        state = history.final
+        exposure = history.inputs["exposure"] if "exposure" in history.inputs else None
+    else:
+        state = read_state(path)
+    if exposure_maps is not None:
+        data = read_maps(exposure_maps)
+        if "exposure" not in data:
+            raise InputError(f"{exposure_maps} has no EXPOSURE HDU")
+        exposure = data["exposure"]
+    return find_sources(state, exposure=exposure, **options), in_store

@@ -20,8 +20,10 @@ from dask.utils import key_split
 
 import cwtflow
 from cwtflow.core import combine_moments, residual_moments
-from cwtflow.history import COMPLETE, ZarrSink, open_history, read_result, tile_batches
+from cwtflow.history import open_history, read_result
 from cwtflow.state import STATE_VARS, VARIABLES, initial_state
+from cwtflow.store import COMPLETE
+from cwtflow.store_writer import ZarrSink, tile_batches
 
 KERNELS = cwtflow.CWTKernels(2, 2.0, 2.0)
 
@@ -220,7 +222,7 @@ def test_sink_writes_dask_state_in_one_compute(tmp_path, maps, reference):
     iterations)."""
     lazy = cwtflow.validate_maps(maps.chunk({"y": 16, "x": 20}))
     cwt = make_cwt()
-    sink = ZarrSink(tmp_path / "run.zarr", cwt, lazy)
+    sink = ZarrSink(tmp_path / "run.zarr", cwt.settings, lazy)
     state, done = sink.start(initial_state(lazy, KERNELS))
     assert done == []
     assert state["model"].chunks == ((16, 16, 4), (20, 20, 4))
@@ -427,6 +429,7 @@ PLAIN_ZARR_READER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_store_reads_with_plain_zarr_and_astropy(tmp_path, maps, reference):
     path = tmp_path / "run.zarr"
     make_cwt(max_iter=2).analyze(maps, store=path)
@@ -464,7 +467,7 @@ def test_input_checksum_does_not_depend_on_tiles(tmp_path, maps):
     path = tmp_path / "run.zarr"
     make_cwt(max_iter=2).analyze(maps, store=path)
     lazy = cwtflow.validate_maps(maps.chunk({"y": 7, "x": 9}))
-    sink = ZarrSink(path, make_cwt(), lazy, resume=True)
+    sink = ZarrSink(path, make_cwt().settings, lazy, resume=True)
     state, done = sink.start(initial_state(lazy, KERNELS))
     assert [info.iteration for info in done] == [1, 2]
     assert sink.chunks == (36, 44)
@@ -473,7 +476,7 @@ def test_input_checksum_does_not_depend_on_tiles(tmp_path, maps):
     changed["background"] = lazy["background"] + xr.where(
         (lazy["y"] == 30) & (lazy["x"] == 40), 1e-12, 0.0
     )
-    sink = ZarrSink(path, make_cwt(), changed, resume=True)
+    sink = ZarrSink(path, make_cwt().settings, changed, resume=True)
     with pytest.raises(cwtflow.StoreError, match="'background' differs"):
         sink.start(initial_state(changed, KERNELS))
 

@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
-from conftest import random_arrays
+from helpers import random_arrays
 
 import cwtflow
 from cwtflow import InputError, StoreError

@@ -20,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import random_arrays
+from helpers import random_arrays
 
 import cwtflow
-from cwtflow.history import COMPLETE, open_history
+from cwtflow.history import open_history
 from cwtflow.state import STATE_VARS
+from cwtflow.store import COMPLETE
 
 SHAPE = (36, 44)
+pytestmark = pytest.mark.slow  # every test here spawns and kills real processes
+
 SEED = 11
 KERNELS = cwtflow.CWTKernels(2, 2.0, 2.0)
 
@@ -36,11 +39,11 @@ CHILD = textwrap.dedent(
     from pathlib import Path
 
     sys.path.insert(0, sys.argv[1])
-    from conftest import random_arrays
+    from helpers import random_arrays
     from zarr.storage import LocalStore
 
     import cwtflow
-    import cwtflow.history as history
+    import cwtflow.store_writer as history
 
     spec = json.loads(sys.argv[2])
     store, flag, point, k = Path(spec["store"]), Path(spec["flag"]), spec["point"], spec["k"]

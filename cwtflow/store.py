@@ -1,0 +1,250 @@
+"""The zarr store of a CWT run: its layout and crash-safety protocol, shared by the writer
+(`cwtflow.store_writer`), the lazy reader (`cwtflow.history`) and the catalog kept beside the
+history (`cwtflow.store_catalog`).
+
+Layout of a store (zarr format 3, one directory)::
+
+    run.zarr/                 root group; attrs: format, format_version, cwtflow_version,
+                              parameters, kernels (info table as [name, value] pairs), wcs
+                              (FITS header cards), shape [ny, nx], chunks [cy, cx], variables
+                              ({name: {dims, units, long_name}}), status
+      inputs/                 counts, background (exposure if given), lon/lat coordinates;
+                              attrs: the input's attrs, checksums, complete marker
+      iterations/0000/        initial state: model, approx, approx_bkg, transform_2d,
+                              transform_3d, error, support (+ scale coordinate)
+      iterations/0001/ ...    state after iteration 1, ...; attrs: iteration, residual_variance,
+                              variance_ratio, converged, support_size, table (the statistics of
+                              iterations 1..k), complete marker
+      catalog/                (optional) the run's source catalog, complete marker
+
+Every array carries its ``dimension_names`` (zarr metadata) and ``units``/``long_name`` attrs,
+so plain zarr readers need neither xarray nor cwtflow.
+
+Crash safety. Zarr writes are not atomic as a whole, but writing one key is (temporary file and
+rename), so a group *counts* only once the attribute `COMPLETE` is set, which happens in a
+single metadata write after all its chunks are stored. Readers ignore unmarked groups. A group
+is only ever written fresh: a leftover unmarked group of a killed run is deleted first, and a
+complete group is never overwritten. Deleting a group (`delete_group`) removes its marker
+first, then its files, so a kill midway leaves an ignored leftover. The root ``status``
+(``running``, ``converged``, ``max_iter reached``) is informational: the markers are
+authoritative.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+import zarr
+
+from .errors import InputError, StoreError
+from .iteration import IterationInfo
+from .kernels import CWTKernels
+from .maps import wcs_from_attrs
+from .state import CARRIED, STATE_VARS, VARIABLES
+
+__all__ = [
+    "COMPLETE",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INPUT_VARS",
+    "ITERATION_VARS",
+    "check_dataset",
+    "check_root",
+    "complete_iterations",
+    "compose_state",
+    "delete_group",
+    "expected_variables",
+    "group_name",
+    "has_content",
+    "is_complete",
+    "iteration_dirs",
+    "json_value",
+    "open_dataset",
+    "open_group",
+    "table_infos",
+    "unmark",
+]
+
+FORMAT = "cwtflow-history"
+FORMAT_VERSION = 1
+#: Attribute whose presence (True) makes a group count as completely written.
+COMPLETE = "cwtflow_complete"
+#: Input variables stored once in the ``inputs`` group (exposure only when given).
+INPUT_VARS = ("counts", "background", "exposure")
+#: State variables stored in every iteration group.
+ITERATION_VARS = tuple(name for name in STATE_VARS if name not in INPUT_VARS)
+STATUS_RUNNING = "running"
+STATUS_CONVERGED = "converged"
+STATUS_MAX_ITER = "max_iter reached"
+ROOT_KEYS = (
+    "format",
+    "format_version",
+    "cwtflow_version",
+    "parameters",
+    "kernels",
+    "wcs",
+    "shape",
+    "chunks",
+    "variables",
+    "status",
+)
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as it reads back from JSON attrs (tuples become lists, ...)."""
+    return json.loads(json.dumps(value))
+
+
+def group_name(k: int) -> str:
+    return f"iterations/{k:04d}"
+
+
+# --- store inspection -----------------------------------------------------------------------
+
+
+def open_group(path: Path, name: str | None = None) -> zarr.Group | None:
+    """The zarr group at ``path``/``name`` read-only, or None when there is none."""
+    try:
+        node = zarr.open_group(str(path), path=name or "", mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return None
+    except Exception as exc:  # unreadable metadata
+        where = f"group '{name}'" if name else "root group"
+        raise StoreError(f"{path}: cannot read the {where}: {exc}") from None
+    return node
+
+
+def is_complete(group: zarr.Group | None) -> bool:
+    return group is not None and group.attrs.get(COMPLETE) is True
+
+
+def iteration_dirs(path: Path) -> dict[int, Path]:
+    """Iteration number -> group directory, for every ``iterations/NNNN`` directory present."""
+    base = path / "iterations"
+    if not base.is_dir():
+        return {}
+    out = {}
+    for entry in base.iterdir():
+        if entry.is_dir() and entry.name.isdigit():
+            out[int(entry.name)] = entry
+    return dict(sorted(out.items()))
+
+
+def complete_iterations(path: Path) -> list[int]:
+    """Numbers of the iteration groups marked complete, ascending."""
+    return [k for k in iteration_dirs(path) if is_complete(open_group(path, group_name(k)))]
+
+
+def unmark(path: Path, name: str) -> None:
+    """Remove the completion marker of group ``name`` (one atomic metadata write)."""
+    group = zarr.open_group(str(path), path=name, mode="r+")
+    attrs = dict(group.attrs)
+    attrs.pop(COMPLETE, None)
+    group.attrs.put(attrs)
+
+
+def delete_group(path: Path, name: str) -> None:
+    """Delete group ``name``: unmark it first, so a kill midway leaves an ignored leftover."""
+    directory = path / name
+    if not directory.exists():
+        return
+    if is_complete(open_group(path, name)):
+        unmark(path, name)
+    shutil.rmtree(directory)
+
+
+def check_root(path: Path, attrs: dict[str, Any]) -> None:
+    """Refuse a root group that is not a readable cwtflow history of this format."""
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a cwtflow history store (root attr 'format' missing)")
+    missing = [key for key in ROOT_KEYS if key not in attrs]
+    if missing:
+        raise StoreError(f"{path}: corrupted store, root attrs lack {', '.join(missing)}")
+    if attrs["format_version"] != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format version {attrs['format_version']!r} is not supported "
+            f"(this cwtflow reads version {FORMAT_VERSION})"
+        )
+    shape, chunks = attrs["shape"], attrs["chunks"]
+    for key, value in (("shape", shape), ("chunks", chunks)):
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int) and v > 0 for v in value)
+        ):
+            raise StoreError(f"{path}: corrupted store, bad root attr '{key}': {value!r}")
+    params = attrs["parameters"]
+    try:
+        CWTKernels.from_dict(params)
+        wcs_from_attrs(attrs)
+    except (KeyError, TypeError, InputError, ValueError) as exc:
+        raise StoreError(f"{path}: corrupted store, bad root attrs: {exc}") from None
+    if not isinstance(attrs["status"], str):
+        raise StoreError(f"{path}: corrupted store, bad root attr 'status'")
+
+
+def check_dataset(path: Path, name: str, ds: xr.Dataset, expected: dict[str, tuple]) -> None:
+    """Refuse a group lacking a variable of ``expected`` {name: (dims, shape, dtype kind)}."""
+    for var, (dims, shape, kind) in expected.items():
+        if var not in ds.variables:
+            raise StoreError(f"{path}: corrupted store, group '{name}' lacks '{var}'")
+        v = ds.variables[var]
+        if v.dims != dims or v.shape != shape or v.dtype.kind != kind:
+            raise StoreError(
+                f"{path}: corrupted store, '{name}/{var}' has dims {v.dims}, shape {v.shape}, "
+                f"dtype {v.dtype}; expected {dims}, {shape}, kind {kind!r}"
+            )
+
+
+def open_dataset(path: Path, name: str) -> xr.Dataset:
+    try:
+        return xr.open_zarr(str(path), group=name, consolidated=False, chunks={})
+    except Exception as exc:  # zarr/xarray raise many types on damaged metadata
+        raise StoreError(f"{path}: corrupted store, cannot open group '{name}': {exc}") from None
+
+
+def table_infos(path: Path, k: int, attrs: dict[str, Any]) -> list[IterationInfo]:
+    """The statistics of iterations 1..k recorded in the attrs of iteration group ``k``."""
+    try:
+        infos = [IterationInfo.from_attrs(row) for row in attrs["table"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{path}: corrupted store, bad attrs of iteration {k}: {exc}") from None
+    if [i.iteration for i in infos] != list(range(1, k + 1)):
+        raise StoreError(
+            f"{path}: corrupted store, iteration {k} records statistics of iterations "
+            f"{[i.iteration for i in infos]}"
+        )
+    return infos
+
+
+def has_content(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def expected_variables(shape: tuple[int, int], kernels: CWTKernels) -> dict[str, tuple]:
+    """{variable: (dims, shape, dtype kind)} of a stored state."""
+    out = {}
+    for name in STATE_VARS:
+        dims = VARIABLES[name][0]
+        full = (kernels.n_scale, *shape) if len(dims) == 3 else shape
+        out[name] = (dims, full, "b" if name == "support" else "f")
+    return out
+
+
+def compose_state(inputs: xr.Dataset, group: xr.Dataset) -> xr.Dataset:
+    """A full state Dataset: inputs from ``inputs``, the rest (and scale) from ``group``."""
+    data_vars = {}
+    for name in (*STATE_VARS, *CARRIED):
+        source = inputs if name in INPUT_VARS else group
+        if name in source:
+            data_vars[name] = source[name].variable
+    coords = {c: inputs.coords[c].variable for c in ("lon", "lat") if c in inputs.coords}
+    if "scale" in group.coords:
+        coords["scale"] = group.coords["scale"].variable
+    attrs = {k: v for k, v in inputs.attrs.items() if k not in (COMPLETE, "checksums")}
+    attrs.update({k: v for k, v in group.attrs.items() if k not in (COMPLETE, "table")})
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)

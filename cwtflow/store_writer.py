@@ -1,0 +1,533 @@
+"""The writer of a run's zarr store (`ZarrSink`, the store sink of `CWT.analyze`), in the
+layout and crash-safety protocol of `cwtflow.store`.
+
+A new store receives the inputs once (with a block-wise checksum of each input map) and the
+initial state as iteration 0; then every iteration is written as its own group and marked
+complete. With ``keep_history=False`` the store keeps only the newest complete iteration
+(``0000`` is deleted once ``0001`` is complete, its marker first); its ``table`` attr still
+lists the statistics of every iteration.
+
+Each iteration's state is read back lazily from the store, so the dask graph of the next
+iteration starts from stored chunks and does not grow with the number of iterations; the
+residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the write. A
+tiled iteration whose tiles are independent is written in batches of tiles (`tile_batches`),
+each its own computation, so that peak memory is set by the tile size, not by the map size.
+
+Resuming checks that the store was written by this cwtflow version and format, with the same
+parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and the
+checksums), and that its metadata is intact; anything else raises `StoreError`. One process
+writes a store at a time. Only local directory stores are supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+import zarr
+from astropy.wcs import WCSCOMPARE_ANCILLARY
+from dask.base import get_scheduler
+from dask.system import CPU_COUNT
+
+from .errors import InputError, StoreError
+from .iteration import IterationInfo, Settings
+from .maps import wcs_from_attrs
+from .state import STATE_VARS, VARIABLES, initial_state
+from .store import (
+    COMPLETE,
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_VARS,
+    ITERATION_VARS,
+    STATUS_CONVERGED,
+    STATUS_MAX_ITER,
+    STATUS_RUNNING,
+    check_dataset,
+    check_root,
+    complete_iterations,
+    compose_state,
+    delete_group,
+    expected_variables,
+    group_name,
+    has_content,
+    is_complete,
+    iteration_dirs,
+    json_value,
+    open_dataset,
+    open_group,
+    table_infos,
+)
+from .version import __version__
+
+__all__ = ["ZarrSink", "tile_batches"]
+
+#: Zarr chunk side of an in-memory input (a lazy input's tiles are its chunks).
+DEFAULT_CHUNK = 1024
+#: Parameters that may differ when resuming (they do not change the numbers).
+_RESUMABLE_PARAMS = ("max_iter",)
+
+# --- checksums ------------------------------------------------------------------------------
+
+
+def _block_digest(block: np.ndarray) -> str:
+    block = np.ascontiguousarray(block, dtype=np.float64)
+    return hashlib.blake2b(memoryview(block).cast("B"), digest_size=16).hexdigest()
+
+
+def _block_digests(array: Any, chunks: tuple[int, int]) -> list[Any]:
+    """Digest of every (cy, cx) block of a 2-D array, row-major; delayed for dask arrays."""
+    if isinstance(array, np.ndarray):
+        ny, nx = array.shape
+        return [
+            _block_digest(array[y : y + chunks[0], x : x + chunks[1]])
+            for y in range(0, ny, chunks[0])
+            for x in range(0, nx, chunks[1])
+        ]
+    blocks = array.rechunk(chunks).to_delayed().ravel()
+    return [dask.delayed(_block_digest, pure=True)(b) for b in blocks]
+
+
+def _combine(shape: Sequence[int], digests: Iterable[str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([list(shape), "float64"]).encode())
+    for d in digests:
+        h.update(d.encode())
+    return "blake2b:" + h.hexdigest()
+
+
+# --- the sink -------------------------------------------------------------------------------
+
+
+class ZarrSink:
+    """Where `CWT.analyze` puts iterations when given a ``store``: a crash-safe zarr history.
+
+    Parameters
+    ----------
+    store : path
+        Directory of the zarr store (created if missing).
+    settings : Settings
+        The run's settings; its parameters go into the root attrs.
+    data : xarray.Dataset
+        Validated input maps (numpy- or dask-backed).
+    resume : bool
+        Continue the run held by an existing ``store``.
+    overwrite : bool
+        Replace an existing cwtflow store.
+
+    The protocol: `start` (inputs and iteration 0, or the state of a resumed run), `write`
+    (store one iteration's data, return the state read back and concrete statistics),
+    `complete` (mark it complete, prune superseded groups), `history`.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str],
+        settings: Settings,
+        data: xr.Dataset,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        if resume and overwrite:
+            raise InputError("resume and overwrite exclude each other")
+        if "://" in str(store):
+            raise StoreError(f"{store}: only local directory stores are supported")
+        self.path = Path(store).expanduser()
+        self.settings = settings
+        self.data = data
+        self.resume = bool(resume)
+        self.overwrite = bool(overwrite)
+        self.shape = (int(data.sizes["y"]), int(data.sizes["x"]))
+        self.chunks = _store_chunks(data)
+        self._inputs: xr.Dataset | None = None
+        self._table: list[dict[str, Any]] = []  # attrs of the iterations done, 1..k
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} exists and is not a directory (zarr store)")
+        self._existing = has_content(self.path)
+        if self._existing:
+            root = open_group(self.path)
+            if root is None:
+                raise StoreError(
+                    f"{self.path} exists and is not a zarr store; refusing to touch it"
+                )
+            attrs = dict(root.attrs)
+            if attrs.get("format") != FORMAT:
+                raise StoreError(
+                    f"{self.path} is not a cwtflow history store; refusing to touch it"
+                )
+            if not (resume or overwrite):
+                raise StoreError(
+                    f"{self.path} already exists; pass resume=True to continue it or "
+                    "overwrite=True to replace it"
+                )
+            if resume:
+                self._check_compatible(attrs)
+
+    # -- validation ------------------------------------------------------------------------
+
+    def _check_compatible(self, attrs: dict[str, Any]) -> None:
+        path = self.path
+        check_root(path, attrs)
+        if attrs["cwtflow_version"] != __version__:
+            raise StoreError(
+                f"{path} was written by cwtflow {attrs['cwtflow_version']}, this is "
+                f"{__version__}; resume with the same version or start a new store"
+            )
+        stored = attrs["parameters"]
+        current = json_value(self.settings.parameters())
+        diff = sorted(
+            key
+            for key in set(stored) | set(current)
+            if key not in _RESUMABLE_PARAMS and stored.get(key) != current.get(key)
+        )
+        if diff:
+            details = ", ".join(
+                f"{k}: store {stored.get(k)!r}, now {current.get(k)!r}" for k in diff
+            )
+            raise StoreError(f"{path} holds a run with other parameters ({details})")
+        self.chunks = (attrs["chunks"][0], attrs["chunks"][1])  # checksum grid, zarr chunks
+        if tuple(attrs["shape"]) != self.shape:
+            raise StoreError(
+                f"{path} holds maps of shape {tuple(attrs['shape'])}, the input is {self.shape}"
+            )
+        stored_wcs = wcs_from_attrs(attrs)
+        other = wcs_from_attrs(self.data.attrs).wcs
+        if not stored_wcs.wcs.compare(other, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-10):
+            raise StoreError(f"{path} holds maps with another WCS than the input's")
+
+    # -- protocol ----------------------------------------------------------------------------
+
+    def start(self, state: xr.Dataset) -> tuple[xr.Dataset, list[IterationInfo]]:
+        """Prepare the store; the state to continue from and the iterations already done.
+
+        A new store receives the inputs and ``state`` (the initial state) as iteration 0. A
+        resumed store is checked against the inputs and cleaned of partial groups.
+        """
+        if self._existing and self.resume:
+            resumed = self._resume()
+            if resumed is not None:
+                return resumed
+        if self._existing:
+            shutil.rmtree(self.path)
+        self._create()
+        self._write_inputs()
+        self._write_group(0, state)
+        self._mark(0, {"iteration": 0, "table": []})
+        return self._opencompose_state(0), []
+
+    def write(
+        self,
+        k: int,
+        state: xr.Dataset,
+        moments: Any,
+        *,
+        independent_tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> tuple[xr.Dataset, np.ndarray]:
+        """Store iteration ``k`` (not yet complete) and compute its ``moments``.
+
+        ``moments``: `cwtflow.core.residual_moments` of the map, or a dask array of them per
+        tile (n_tiles_y, n_tiles_x, 4). ``independent_tiles``: (y, x) chunks of these tiles
+        when each is computable on its own (`cwtflow.tiled.TiledStep.independent_tiles`); the
+        state is then computed and written in groups of tiles (`tile_batches`) one after the
+        other, unless a distributed scheduler runs the computation.
+
+        Returns the state read back from the store and the moments as numpy.
+        """
+        name = group_name(k)
+        if is_complete(open_group(self.path, name)):
+            raise StoreError(f"{self.path}: iteration {k} is already complete; not overwriting it")
+        delete_group(self.path, name)
+        tiles = None if _distributed() else independent_tiles
+        moments = self._write_group(k, state, moments, tiles=tiles)
+        return self._opencompose_state(k), moments
+
+    def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
+        """Mark iteration ``k`` complete with ``info``; prune older groups without history."""
+        self._table = [*self._table[: k - 1], info.attrs()]
+        self._mark(k, {**info.attrs(), "table": self._table})
+        if not self.settings.keep_history:
+            for old in iteration_dirs(self.path):
+                if old < k:
+                    delete_group(self.path, group_name(old))
+        self._set_status(self._status(k, info.converged))
+        state.attrs.update(info.attrs())
+        return state
+
+    @property
+    def history(self) -> list[xr.Dataset]:
+        """With ``keep_history``: every complete iteration opened lazily (0 first); else []."""
+        if not self.settings.keep_history:
+            return []
+        return [self._opencompose_state(k) for k in complete_iterations(self.path)]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _status(self, k: int, converged: bool) -> str:
+        if converged:
+            return STATUS_CONVERGED
+        if k >= self.settings.max_iter:
+            return STATUS_MAX_ITER
+        return STATUS_RUNNING
+
+    def _set_status(self, status: str) -> None:
+        root = zarr.open_group(str(self.path), mode="r+")
+        if root.attrs.get("status") != status:
+            root.attrs.update({"status": status})
+
+    def _create(self) -> None:
+        data = self.data
+        names = [n for n in STATE_VARS]
+        if "exposure" in data:
+            names.append("exposure")
+        variables = {}
+        for name in names:
+            if name in VARIABLES:
+                dims, units, long_name = VARIABLES[name]
+            else:
+                dims = data[name].dims
+                units = str(data[name].attrs.get("units", ""))
+                long_name = str(data[name].attrs.get("long_name", name))
+            variables[name] = {"dims": list(dims), "units": units, "long_name": long_name}
+        attrs = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "cwtflow_version": __version__,
+            "parameters": self.settings.parameters(),
+            "kernels": [
+                [str(r["Name"]), str(r["Source"])] for r in self.settings.kernels.info_table()
+            ],
+            "wcs": dict(data.attrs["wcs"]),
+            "shape": list(self.shape),
+            "chunks": list(self.chunks),
+            "scales": [float(s) for s in self.settings.kernels.scales],
+            "variables": variables,
+            "status": STATUS_RUNNING,
+        }
+        try:
+            zarr.open_group(str(self.path), mode="w-", attributes=json_value(attrs))
+        except Exception as exc:
+            raise StoreError(f"cannot create the zarr store {self.path}: {exc}") from None
+
+    def _encoding(self, ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+        sizes = {"y": self.chunks[0], "x": self.chunks[1], "scale": self.settings.kernels.n_scale}
+        return {
+            name: {"chunks": tuple(min(sizes[d], ds.sizes[d]) for d in ds[name].dims)}
+            for name in ds.variables
+            if set(ds[name].dims) <= set(sizes) and ds[name].dims
+        }
+
+    def _rechunk(self, ds: xr.Dataset) -> xr.Dataset:
+        """Dask-backed variables on exactly the store's chunks (dask and zarr chunks agree)."""
+        spec = {"y": self.chunks[0], "x": self.chunks[1], "scale": -1}
+        out = ds.copy()
+        for name, var in ds.variables.items():
+            if var.chunks is not None:
+                out[name] = var.chunk({d: spec[d] for d in var.dims if d in spec})
+        return out
+
+    def _write_inputs(self) -> None:
+        data = self.data
+        names = [n for n in INPUT_VARS if n in data]
+        coords = [c for c in ("lon", "lat") if c in data.coords]
+        ds = xr.Dataset(
+            {n: data[n].astype(np.float64).variable for n in names},
+            coords={c: data.coords[c].variable for c in coords},
+            attrs=_json_attrs(data.attrs),
+        ).drop_encoding()
+        ds = self._rechunk(ds)
+        digests = {n: _block_digests(ds[n].data, self.chunks) for n in names}
+        write = ds.to_zarr(
+            str(self.path),
+            group="inputs",
+            mode="w-",
+            consolidated=False,
+            compute=False,
+            encoding=self._encoding(ds),
+        )
+        _, digests = dask.compute(write, digests)
+        checksums = {n: _combine(self.shape, digests[n]) for n in names}
+        group = zarr.open_group(str(self.path), path="inputs", mode="r+")
+        group.attrs.update({"checksums": checksums, COMPLETE: True})
+
+    def _write_group(
+        self,
+        k: int,
+        state: xr.Dataset,
+        moments: Any = None,
+        *,
+        tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> np.ndarray | None:
+        """Write the non-input variables of ``state`` as group ``k``; returns ``moments``
+        computed with the write (numpy).
+
+        With ``tiles`` ((y, x) chunks of independent tiles, the chunks of a dask ``moments``):
+        create the group, then compute and write it one group of tiles (`tile_batches`) at a
+        time with those tiles' moments, so that memory holds the tiles of one batch, not a
+        front of tiles that grows with the map (dask's static ordering of a halo graph reads
+        far ahead).
+        """
+        ds = state[list(ITERATION_VARS)].drop_vars(
+            [c for c in state.coords if c != "scale"], errors="ignore"
+        )
+        ds = self._rechunk(ds.drop_encoding())
+        ds.attrs = {"iteration": k}
+        target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
+        batches = tile_batches(tiles, self.chunks) if tiles is not None else []
+        if len(batches) <= 1:
+            write = ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+            _, moments = dask.compute(write, moments)
+            return None if moments is None else np.asarray(moments)
+        # metadata, attrs and the in-memory scale coordinate now; the chunks batch by batch
+        ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+        body = ds.drop_vars("scale", errors="ignore")
+        edges = [np.cumsum([0, *axis]).tolist() for axis in tiles]
+        out = np.empty(moments.shape)
+        for region in batches:
+            write = body.isel(region).to_zarr(**target, mode="r+", region=region, compute=False)
+            ty, tx = (
+                slice(e.index(region[d].start), e.index(region[d].stop))
+                for e, d in zip(edges, ("y", "x"), strict=True)
+            )
+            _, out[ty, tx] = dask.compute(write, moments[ty, tx])
+        return out
+
+    def _mark(self, k: int, attrs: dict[str, Any]) -> None:
+        group = zarr.open_group(str(self.path), path=group_name(k), mode="r+")
+        group.attrs.update({**json_value(attrs), COMPLETE: True})
+
+    def _inputs_ds(self) -> xr.Dataset:
+        if self._inputs is None:
+            self._inputs = open_dataset(self.path, "inputs")
+        return self._inputs
+
+    def _opencompose_state(self, k: int) -> xr.Dataset:
+        return compose_state(self._inputs_ds(), open_dataset(self.path, group_name(k)))
+
+    def _resume(self) -> tuple[xr.Dataset, list[IterationInfo]] | None:
+        """Continue an existing store; None when it holds nothing worth keeping."""
+        path = self.path
+        inputs = open_group(path, "inputs")
+        complete = complete_iterations(path)
+        if not is_complete(inputs):
+            if complete:
+                raise StoreError(f"{path}: corrupted store, complete iterations without inputs")
+            return None  # killed while writing the inputs: start over
+        self._check_inputs()
+        for k in iteration_dirs(path):
+            if k not in complete or (complete and k > complete[-1]):
+                delete_group(path, group_name(k))
+        if not complete:
+            self._write_group(0, initial_state(self._inputs_ds(), self.settings.kernels))
+            self._mark(0, {"iteration": 0, "table": []})
+            complete = [0]
+        last = complete[-1]
+        group = open_group(path, group_name(last))
+        done = table_infos(path, last, dict(group.attrs)) if last else []
+        if len(done) > self.settings.max_iter:
+            raise StoreError(
+                f"{path} already holds {len(done)} iterations, more than max_iter="
+                f"{self.settings.max_iter}"
+            )
+        state = self._opencompose_state(last)
+        expected = expected_variables(self.shape, self.settings.kernels)
+        check_dataset(path, group_name(last), state, expected)
+        if not self.settings.keep_history:
+            for old in complete[:-1]:
+                delete_group(path, group_name(old))
+        self._table = [info.attrs() for info in done]
+        status = self._status(len(done), done[-1].converged) if done else STATUS_RUNNING
+        root = zarr.open_group(str(path), mode="r+")
+        root.attrs.update({"parameters": json_value(self.settings.parameters()), "status": status})
+        return state, done
+
+    def _check_inputs(self) -> None:
+        """Refuse a store whose inputs differ from ``data`` (arrays, then checksums)."""
+        path = self.path
+        inputs = self._inputs_ds()
+        names = [n for n in INPUT_VARS if n in self.data]
+        stored_names = [n for n in INPUT_VARS if n in inputs]
+        expected = {n: (("y", "x"), self.shape, "f") for n in ("counts", "background", *names)}
+        check_dataset(path, "inputs", inputs, expected)  # required arrays first
+        if names != stored_names:
+            raise StoreError(
+                f"{path} holds inputs {stored_names}, the input has {names}: other input maps"
+            )
+        group = open_group(path, "inputs")
+        stored = group.attrs.get("checksums")
+        if not isinstance(stored, dict) or set(stored) != set(names):
+            raise StoreError(f"{path}: corrupted store, bad 'checksums' attr of the inputs")
+        digests = {n: _block_digests(self.data[n].data, self.chunks) for n in names}
+        (digests,) = dask.compute(digests)
+        for n in names:
+            if _combine(self.shape, digests[n]) != stored[n]:
+                raise StoreError(f"{path} holds other input maps: '{n}' differs (checksum)")
+
+
+def tile_batches(
+    tiles: tuple[tuple[int, ...], tuple[int, ...]],
+    align: tuple[int, int] = (1, 1),
+    *,
+    threads: int | None = None,
+) -> list[dict[str, slice]]:
+    """Regions of about ``side x side`` tiles covering a map, row by row: the groups of tiles
+    a batched write computes one after the other.
+
+    ``tiles`` are the (y, x) chunks of the tiles; region edges are tile edges that are also
+    multiples of ``align`` (the store's chunks, so that no two regions write one zarr chunk).
+    ``side`` is the smallest integer with ``side**2 >= 4 * threads`` and at least 4 (16 tiles
+    on a 2-core machine): enough tiles to keep every thread busy, few enough that memory holds
+    a fixed number of tiles. ``threads`` defaults to the local scheduler's (dask's
+    ``num_workers`` setting, else the CPU count).
+    """
+    if threads is None:
+        threads = dask.config.get("num_workers", None) or CPU_COUNT
+    side = max(4, math.isqrt(4 * threads - 1) + 1)
+    ys, xs = (_batch_edges(axis, step, side) for axis, step in zip(tiles, align, strict=True))
+    return [
+        {"y": slice(y0, y1), "x": slice(x0, x1)}
+        for y0, y1 in itertools.pairwise(ys)
+        for x0, x1 in itertools.pairwise(xs)
+    ]
+
+
+def _batch_edges(chunks: tuple[int, ...], align: int, side: int) -> list[int]:
+    """Every ``side``-th tile edge along one axis that is a multiple of ``align``, with the
+    axis ends."""
+    edges = [int(e) for e in np.cumsum(chunks)[:-1] if e % align == 0]
+    return [0, *edges[side - 1 :: side], int(sum(chunks))]
+
+
+def _distributed() -> bool:
+    """Whether dask computations currently run on a distributed scheduler."""
+    get = get_scheduler()
+    owner = getattr(get, "__self__", None)
+    return type(owner).__module__.startswith("distributed")
+
+
+def _store_chunks(data: xr.Dataset) -> tuple[int, int]:
+    """Zarr chunk (cy, cx): the dask tiles of a lazy input, else up to 1024 x 1024."""
+    chunks = data["counts"].chunks
+    if chunks is not None:
+        return int(chunks[0][0]), int(chunks[1][0])
+    return min(DEFAULT_CHUNK, data.sizes["y"]), min(DEFAULT_CHUNK, data.sizes["x"])
+
+
+def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-serialisable entries of ``attrs``."""
+    out = {}
+    for key, value in attrs.items():
+        try:
+            out[key] = json_value(value)
+        except (TypeError, ValueError):
+            continue
+    return out
