@@ -1,7 +1,5 @@
 """cwtflow: iterative continuous-wavelet-transform source detection for gamma-ray sky maps."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .analysis import (
     cube_metrics,
     cubes,
@@ -11,20 +9,18 @@ from .analysis import (
     images,
     state_metrics,
 )
-from .catalog import find_sources, read_catalog, write_catalog, write_regions
-from .engine import CWT, IterationInfo
+from .catalog import find_sources
+from .catalog_files import read_catalog, write_catalog, write_regions
+from .engine import CWT
 from .errors import CWTFlowError, InputError, StoreError
 from .history import History, open_history, read_result
 from .io import read_maps, read_state, write_maps, write_state
+from .iteration import IterationInfo
 from .kernels import CWTKernels
 from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
 from .simulate import simulate_sky
 from .store_catalog import read_store_catalog, write_store_catalog
-
-try:
-    __version__ = version("cwtflow")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
+from .version import __version__
 
 __all__ = [
     "CWT",

@@ -1,7 +1,7 @@
 """Source catalog from a CWT result: islands of the support, deblended, measured, written out.
 
 `find_sources` turns a state Dataset (numpy- or dask-backed) into an astropy Table with one row
-per source; `write_catalog` writes it as FITS or ECSV and `write_regions` as a DS9 region file.
+per source (written out by `cwtflow.catalog_files`).
 The per-island numerics are the pure-numpy functions of `cwtflow.peaks`; this module gathers the
 island cut-outs (only those pixels are read from a lazy state), converts pixels to the sky and
 assembles the table.
@@ -51,34 +51,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
 import xarray as xr
 from astropy import units as u
-from astropy.coordinates import SkyCoord
 from astropy.table import Table
 from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import ndimage
 
-from . import peaks
-from .core import CROSS, _join_seam
-from .errors import InputError, StoreError
+from . import core, peaks
+from .errors import InputError
 from .kernels import CWTKernels
 from .maps import is_allsky, wcs_from_attrs
 
-__all__ = [
-    "CATALOG_COLUMNS",
-    "find_sources",
-    "read_catalog",
-    "write_catalog",
-    "write_regions",
-]
+__all__ = ["CATALOG_COLUMNS", "find_sources"]
 
 #: name -> (dtype, unit, description) of every catalog column, in table order.
 CATALOG_COLUMNS: dict[str, tuple[type, str | None, str]] = {
@@ -131,9 +121,7 @@ def _run_kernels(result: xr.Dataset, kernels: CWTKernels | None) -> CWTKernels:
             except ValueError:
                 params = None
         if isinstance(params, Mapping) and {"n_scale", "min_scale", "step_scale"} <= set(params):
-            kernels = CWTKernels(
-                int(params["n_scale"]), float(params["min_scale"]), float(params["step_scale"])
-            )
+            kernels = CWTKernels.from_dict(params)
         elif scales.size >= 2 and scales[0] > 0:
             kernels = CWTKernels(scales.size, float(scales[0]), float(scales[1] / scales[0]))
         else:
@@ -324,9 +312,7 @@ def find_sources(
     margin = 0 if psf_pix is None else math.ceil(peaks.PSF_WINDOW * psf_pix) + 1
 
     support_2d = np.asarray(dask.compute(_data(result, "support").any(axis=0))[0], dtype=bool)
-    labels, n = ndimage.label(support_2d, structure=CROSS)
-    if wrap and n:
-        labels, n = _join_seam(labels, n)
+    labels, n = core.label(support_2d, wrap_x=wrap)
     boxes = [_with_margin(b, margin, shape, wrap) for b in _island_columns(labels, n, wrap)]
 
     names2 = ["model", "counts", "background", "approx"]
@@ -477,157 +463,3 @@ def _assemble(
         out[name].unit = unit
         out[name].description = description
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
-
-_FORMATS = {
-    ".fits": "fits",
-    ".fit": "fits",
-    ".fts": "fits",
-    ".fits.gz": "fits",
-    ".fit.gz": "fits",
-    ".ecsv": "ecsv",
-    ".reg": "ds9",
-}
-
-
-def _format_of(path: Path, format: str | None) -> str:
-    if format is not None:
-        if format not in ("fits", "ecsv", "ds9"):
-            raise InputError(f"unknown catalog format {format!r}: use 'fits', 'ecsv' or 'ds9'")
-        return format
-    name = path.name.lower()
-    for suffix in sorted(_FORMATS, key=len, reverse=True):
-        if name.endswith(suffix):
-            return _FORMATS[suffix]
-    raise InputError(
-        f"cannot tell the catalog format of {str(path)!r}: use a .fits, .fits.gz, .ecsv or .reg "
-        "name, or pass format="
-    )
-
-
-def _atomic_write(path: Path, overwrite: bool, write: Any) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto
-    ``path`` (`cwtflow.io.atomic_output`)."""
-    from .io import atomic_output
-
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        write(tmp)
-    return Path(path).expanduser()
-
-
-def _check_table(table: Any, needed: tuple[str, ...]) -> Table:
-    if not isinstance(table, Table):
-        raise InputError(f"expected an astropy Table, got {type(table).__name__}")
-    missing = [c for c in needed if c not in table.colnames]
-    if missing:
-        raise InputError(f"table is not a cwtflow catalog: missing {', '.join(missing)}")
-    return table
-
-
-def write_catalog(
-    table: Table,
-    path: str | os.PathLike[str],
-    *,
-    format: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a catalog from `find_sources` as FITS, ECSV or a DS9 region file.
-
-    Parameters
-    ----------
-    table : astropy.table.Table
-        The catalog.
-    path : path
-        Output file; the format follows its name (``.fits``, ``.fits.gz``, ``.ecsv``, ``.reg``)
-        unless ``format`` is given.
-    format : {"fits", "ecsv", "ds9"}, optional
-        Output format.
-    overwrite : bool
-        Replace an existing file (otherwise `StoreError`).
-
-    Returns
-    -------
-    pathlib.Path
-        The written file. The write is atomic: a temporary file in the same folder is renamed
-        onto ``path`` only once complete.
-    """
-    path = Path(path)
-    fmt = _format_of(path, format)
-    if fmt == "ds9":
-        return write_regions(table, path, overwrite=overwrite)
-    _check_table(table, ("lon", "lat"))
-    astropy_format = "fits" if fmt == "fits" else "ascii.ecsv"
-    return _atomic_write(
-        path,
-        overwrite,
-        lambda tmp: table.write(tmp, format=astropy_format, overwrite=True),
-    )
-
-
-def read_catalog(path: str | os.PathLike[str]) -> Table:
-    """Read a catalog written by `write_catalog` (FITS or ECSV)."""
-    path = Path(path)
-    fmt = _format_of(path, None)
-    if fmt == "ds9":
-        raise InputError(f"{path} is a region file; read it with regions.Regions.read")
-    if not path.is_file():
-        raise StoreError(f"no catalog at {path}")
-    return Table.read(path, format="fits" if fmt == "fits" else "ascii.ecsv")
-
-
-def write_regions(
-    table: Table,
-    path: str | os.PathLike[str],
-    *,
-    radius: str | u.Quantity = "extent",
-    overwrite: bool = False,
-) -> Path:
-    """Write the sources as DS9 circles (``regions.CircleSkyRegion``) labelled with their id.
-
-    Parameters
-    ----------
-    table : astropy.table.Table
-        Catalog from `find_sources` (needs ``id``, ``lon``, ``lat`` and the radius column).
-    path : path
-        Output region file.
-    radius : {"extent", "pos_err"} or astropy Quantity
-        Circle radius: a catalog column (deg) or one angle for all; radii below half a pixel
-        (``meta["PIXSIZE"]``, else 0.001 deg) are raised to it so every circle is visible.
-    overwrite : bool
-        Replace an existing file (otherwise `StoreError`).
-    """
-    from regions import CircleSkyRegion, Regions
-
-    _check_table(table, ("id", "lon", "lat"))
-    if isinstance(radius, str):
-        if radius not in ("extent", "pos_err"):
-            raise InputError(f"radius must be 'extent', 'pos_err' or an angle, got {radius!r}")
-        _check_table(table, (radius,))
-        radii = np.asarray(table[radius], dtype=np.float64)
-    else:
-        try:
-            value = u.Quantity(radius).to_value(u.deg)
-        except (TypeError, u.UnitsError):
-            raise InputError(f"radius must be an angle, got {radius!r}") from None
-        radii = np.full(len(table), float(value))
-    floor = 0.5 * float(table.meta.get("PIXSIZE", 0.002))
-    radii = np.where(np.isfinite(radii) & (radii > floor), radii, floor)
-    frame = str(table.meta.get("FRAME", "galactic"))
-    centers = SkyCoord(
-        np.asarray(table["lon"], dtype=np.float64) * u.deg,
-        np.asarray(table["lat"], dtype=np.float64) * u.deg,
-        frame=frame,
-    )
-    shapes = Regions(
-        [
-            CircleSkyRegion(center=centers[i], radius=radii[i] * u.deg, meta={"text": str(sid)})
-            for i, sid in enumerate(np.asarray(table["id"]))
-        ]
-    )
-    return _atomic_write(
-        Path(path), overwrite, lambda tmp: shapes.write(str(tmp), format="ds9", overwrite=True)
-    )

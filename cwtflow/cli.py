@@ -1,52 +1,49 @@
 """Command-line interface: ``cwtflow run``, ``cwtflow demo``, ``cwtflow info``,
 ``cwtflow catalog``.
 
-A thin layer over the public API: options are turned into API calls by a few builder functions
-(`build_cwt`, `load_maps`, `analyze_kwargs`, `write_result`), so a new option means one
-decorator entry and one line in a builder. Every error cwtflow raises on purpose
-(`CWTFlowError`), every OS error on a path and every usage error ends the program with one line
-on stderr and exit code 1 (2 for usage errors), without a traceback; outputs are checked before
-any work starts, so a refused run writes nothing.
+A thin layer over the public API: options are turned into API calls by the builders of
+`cwtflow.cli_options`, so a new option means one decorator entry and one line in a builder.
+Every error cwtflow raises on purpose (`CWTFlowError`), every OS error on a path and every usage
+error ends the program with one line on stderr and exit code 1 (2 for usage errors), without a
+traceback; outputs are checked before any work starts, so a refused run writes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import astropy.units as u
 import click
 import xarray as xr
-from astropy.coordinates import SkyCoord
 from astropy.table import Table
-from astropy.wcs.utils import wcs_to_celestial_frame
 from tqdm import tqdm
 
 from .analysis import state_metrics
-from .engine import CWT, IterationInfo, variance_ratio
+from .cli_options import (
+    CATALOG_DEFAULTS,
+    analyze_kwargs,
+    build_cwt,
+    check_result,
+    cwt_options,
+    load_maps,
+    map_options,
+    output_options,
+    write_result,
+)
+from .engine import CWT
 from .errors import CWTFlowError, InputError, StoreError
-from .history import read_result
-from .io import check_output, read_maps, read_state, write_maps, write_state
+from .formats import catalog_format, is_store, result_format
+from .io import check_output, read_state, write_maps
+from .iteration import IterationInfo, iteration_table
 from .kernels import CWTKernels
-from .maps import cutout, map_center, wcs_from_attrs
 
-__all__ = ["analyze_kwargs", "build_cwt", "cli", "load_maps", "main", "write_result"]
+__all__ = ["cli", "main"]
 
-#: Kernel defaults: the CWT tutorial's (CWTKernels itself has none).
-KERNEL_DEFAULTS = {"n_scale": 2, "min_scale": 6.0, "step_scale": 1.3}
-#: Estimator defaults, read from `CWT` so the CLI cannot drift from the API.
-CWT_DEFAULTS = {
-    name: param.default
-    for name, param in inspect.signature(CWT.__init__).parameters.items()
-    if param.default is not inspect.Parameter.empty
-}
-#: Suffixes written as FITS by `write_result`.
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
 #: Files `cwtflow demo` writes into its output folder.
 DEMO_FILES = {
     "maps": "demo-maps.fits",
@@ -54,9 +51,6 @@ DEMO_FILES = {
     "result": "demo-result.fits",
     "plot": "demo-result.png",
 }
-_WRAP = {"auto": None, "yes": True, "no": False}
-
-
 # --------------------------------------------------------------------------------------------
 # Error handling: one line on stderr, no traceback
 
@@ -103,220 +97,6 @@ class _Group(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
-
-
-# --------------------------------------------------------------------------------------------
-# Option groups (decorators) and the builders that turn options into API calls
-
-
-def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
-    def decorate(f: Any) -> Any:
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return decorate
-
-
-cwt_options = _apply(
-    [
-        click.option(
-            "--n-scale",
-            type=click.IntRange(min=1),
-            default=KERNEL_DEFAULTS["n_scale"],
-            show_default=True,
-            help="Number of wavelet scales.",
-        ),
-        click.option(
-            "--min-scale",
-            type=click.FloatRange(min=0, min_open=True),
-            default=KERNEL_DEFAULTS["min_scale"],
-            show_default=True,
-            help="Smallest scale (pixels).",
-        ),
-        click.option(
-            "--step-scale",
-            type=click.FloatRange(min=1, min_open=True),
-            default=KERNEL_DEFAULTS["step_scale"],
-            show_default=True,
-            help="Ratio between successive scales.",
-        ),
-        click.option(
-            "--max-iter",
-            type=click.IntRange(min=1),
-            default=CWT_DEFAULTS["max_iter"],
-            show_default=True,
-            help="Maximum number of iterations.",
-        ),
-        click.option(
-            "--tol",
-            type=click.FloatRange(min=0),
-            default=CWT_DEFAULTS["tol"],
-            show_default=True,
-            help="Stop when the residual variance changes by less than this (relative).",
-        ),
-        click.option(
-            "--threshold",
-            type=float,
-            default=CWT_DEFAULTS["significance_threshold"],
-            show_default=True,
-            help="Significance threshold of the support.",
-        ),
-        click.option(
-            "--island-threshold",
-            type=float,
-            default=CWT_DEFAULTS["significance_island_threshold"],
-            help="Drop support components whose peak significance is below this.",
-        ),
-        click.option(
-            "--remove-isolated/--keep-isolated",
-            default=CWT_DEFAULTS["remove_isolated"],
-            show_default=True,
-            help="Drop one-pixel support components.",
-        ),
-        click.option(
-            "--wrap-lon",
-            type=click.Choice(list(_WRAP)),
-            default="auto",
-            show_default=True,
-            help="Periodic longitude (auto: for CAR maps spanning 360 deg).",
-        ),
-        click.option(
-            "--fft-workers",
-            type=click.IntRange(min=1),
-            default=CWT_DEFAULTS["fft_workers"],
-            show_default=True,
-            help="Threads per FFT.",
-        ),
-    ]
-)
-
-map_options = _apply(
-    [
-        click.option("--counts-hdu", default="COUNTS", show_default=True, help="Counts HDU."),
-        click.option(
-            "--background-hdu", default="BACKGROUND", show_default=True, help="Background HDU."
-        ),
-        click.option(
-            "--exposure-hdu",
-            default=None,
-            help="Exposure HDU (default: EXPOSURE when the file has one).",
-        ),
-        click.option(
-            "--center",
-            nargs=2,
-            type=float,
-            default=None,
-            metavar="LON LAT",
-            help="Cutout centre (deg, in the map's frame); default: the map centre.",
-        ),
-        click.option(
-            "--width",
-            nargs=2,
-            type=click.FloatRange(min=0, min_open=True),
-            default=None,
-            metavar="LON LAT",
-            help="Cut out this many degrees in longitude and latitude before the run.",
-        ),
-    ]
-)
-
-output_options = _apply(
-    [
-        click.option("--overwrite", is_flag=True, help="Replace existing output files."),
-        click.option(
-            "--quiet", "-q", is_flag=True, help="No per-iteration log lines or progress bar."
-        ),
-    ]
-)
-
-
-def build_cwt(options: Mapping[str, Any]) -> CWT:
-    """The estimator described by the CWT options."""
-    kernels = CWTKernels(options["n_scale"], options["min_scale"], options["step_scale"])
-    return CWT(
-        kernels,
-        max_iter=options["max_iter"],
-        tol=options["tol"],
-        significance_threshold=options["threshold"],
-        significance_island_threshold=options["island_threshold"],
-        remove_isolated=options["remove_isolated"],
-        wrap_lon=_WRAP[options["wrap_lon"]],
-        fft_workers=options["fft_workers"],
-    )
-
-
-def analyze_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of `CWT.analyze` other than ``data`` and ``callback``: tiles
-    (``--chunks``) and the zarr history store (``--out run.zarr``, ``--resume``)."""
-    kwargs: dict[str, Any] = {}
-    if options.get("chunks") is not None:
-        kwargs["chunks"] = tuple(options["chunks"])
-    if options.get("store") is not None:
-        resume = bool(options.get("resume"))
-        overwrite = bool(options.get("overwrite")) and not resume
-        kwargs.update(store=options["store"], resume=resume, overwrite=overwrite)
-    return kwargs
-
-
-def _hdu_key(value: str | None) -> str | int | None:
-    return int(value) if value is not None and value.isdigit() else value
-
-
-def load_maps(path: Path, options: Mapping[str, Any]) -> xr.Dataset:
-    """Read the input maps and apply the optional cutout."""
-    if options["center"] is not None and options["width"] is None:
-        raise click.UsageError("--center needs --width")
-    data = read_maps(
-        path,
-        counts_hdu=_hdu_key(options["counts_hdu"]),
-        background_hdu=_hdu_key(options["background_hdu"]),
-        exposure_hdu=_hdu_key(options["exposure_hdu"]),
-    )
-    if options["width"] is None:
-        return data
-    if options["center"] is None:
-        position = map_center(data)
-    else:
-        frame = wcs_to_celestial_frame(wcs_from_attrs(data.attrs))
-        lon, lat = options["center"]
-        position = SkyCoord(lon * u.deg, lat * u.deg, frame=frame)
-    return cutout(data, position, options["width"] * u.deg)
-
-
-def _result_format(path: Path) -> str:
-    if path.name.lower().endswith(FITS_SUFFIXES):
-        return "fits"
-    if path.name.lower().endswith(".zarr"):
-        return "zarr"
-    raise InputError(f"unsupported output format: {path.name} (use .fits, .fits.gz or .zarr)")
-
-
-def check_result(path: Path, *, overwrite: bool, resume: bool = False) -> Path:
-    """Refuse an output the run could not write, before any work starts."""
-    if _result_format(path) == "zarr":
-        path = path.expanduser()
-        if not path.parent.is_dir():
-            raise StoreError(f"output folder does not exist: {path.parent}")
-        if path.exists() and not (path.is_dir() and (overwrite or resume)):
-            raise StoreError(
-                f"output store exists: {path} (use --resume to continue it or --overwrite to "
-                "replace it)"
-            )
-        return path
-    if resume:
-        raise click.UsageError("--resume needs a zarr store output (--out run.zarr)")
-    return check_output(path, overwrite=overwrite, hint="--overwrite")
-
-
-def write_result(state: xr.Dataset, path: Path, *, overwrite: bool) -> Path:
-    """Write the final state to ``path`` in the format its suffix names (a zarr store already
-    holds it: `CWT.analyze` wrote every iteration there)."""
-    if _result_format(path) == "zarr":
-        return path
-    if _result_format(path) == "fits":
-        return write_state(state, path, overwrite=overwrite)
-    raise AssertionError("unreachable: _result_format accepts only known formats")
 
 
 def _format_info(info: IterationInfo) -> str:
@@ -421,7 +201,7 @@ def cli() -> None:
 def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
     """Run the CWT on MAPS (a FITS file with counts and background) and write the result."""
     out = check_result(out, overwrite=options["overwrite"], resume=options["resume"])
-    if _result_format(out) == "zarr":
+    if result_format(out) == "zarr":
         options["store"] = out
     if plot is not None:
         check_output(plot, overwrite=options["overwrite"], hint="--overwrite")
@@ -512,18 +292,6 @@ def _write_table(table: Table, path: Path, *, overwrite: bool) -> None:
         table.write(tmp, format="ascii.ecsv")
 
 
-def _iteration_table(state: xr.Dataset) -> Table:
-    variances = [float(v) for v in state.attrs.get("residual_variance", [])]
-    ratios = [variance_ratio(variances[i - 1] if i else None, v) for i, v in enumerate(variances)]
-    return Table(
-        {
-            "iteration": list(range(1, len(variances) + 1)),
-            "residual_variance": variances,
-            "variance_ratio": ratios,
-        }
-    )
-
-
 def _echo_table(title: str, table: Table) -> None:
     click.echo(f"\n{title}")
     click.echo("\n".join(table.pformat(max_lines=-1, max_width=-1)))
@@ -533,13 +301,23 @@ def _echo_table(title: str, table: Table) -> None:
 @click.argument("result", type=click.Path(path_type=Path))
 def info(result: Path) -> None:
     """Print the kernels, the iterations and the metric tables of a RESULT file."""
-    state = read_result(result) if result.name.lower().endswith(".zarr") else read_state(result)
+    if is_store(result):
+        from .history import open_history
+
+        history = open_history(result)
+        state, table = history.final, history.table()
+    else:
+        state = read_state(result)
+        rows = state.attrs.get("table") or []
+        try:
+            table = iteration_table([IterationInfo.from_attrs(row) for row in rows])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{result}: bad iteration table in the attrs: {exc}") from None
     ny, nx = state.sizes["y"], state.sizes["x"]
     click.echo(f"{result}: {ny} x {nx} pixels, {state.sizes['scale']} scales")
     params = dict(state.attrs.get("parameters") or {})
     if {"n_scale", "min_scale", "step_scale"} <= params.keys():
-        kernels = CWTKernels(params["n_scale"], params["min_scale"], params["step_scale"])
-        _echo_table("Kernels", kernels.info_table())
+        _echo_table("Kernels", CWTKernels.from_dict(params).info_table())
     if params:
         _echo_table(
             "Parameters",
@@ -547,8 +325,7 @@ def info(result: Path) -> None:
         )
     converged = "yes" if state.attrs.get("converged") else "no"
     _echo_table(
-        f"Iterations (run: {state.attrs.get('iterations', 0)}, converged: {converged})",
-        _iteration_table(state),
+        f"Iterations (run: {state.attrs.get('iterations', 0)}, converged: {converged})", table
     )
     _echo_table("Metrics", state_metrics(state))
 
@@ -571,7 +348,7 @@ def info(result: Path) -> None:
 @click.option(
     "--min-significance",
     type=float,
-    default=5.0,
+    default=CATALOG_DEFAULTS["min_significance"],
     show_default=True,
     help="Drop sources below this Poisson likelihood significance.",
 )
@@ -582,19 +359,22 @@ def info(result: Path) -> None:
     help="Gaussian PSF sigma (deg): test point sources instead of the model's shape.",
 )
 @click.option(
-    "--deblend/--no-deblend", default=True, show_default=True, help="Split multi-peak islands."
+    "--deblend/--no-deblend",
+    default=CATALOG_DEFAULTS["deblend"],
+    show_default=True,
+    help="Split multi-peak islands.",
 )
 @click.option(
     "--contrast",
     type=click.FloatRange(min=0, max=1, max_open=True),
-    default=0.2,
+    default=CATALOG_DEFAULTS["contrast"],
     show_default=True,
     help="Relative dip below a secondary peak for it to be a source of its own.",
 )
 @click.option(
     "--min-separation",
     type=click.FloatRange(min=0),
-    default=None,
+    default=CATALOG_DEFAULTS["min_separation"],
     help="Peaks closer than this (pixels) are one source (default: smallest wavelet width).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
@@ -604,51 +384,36 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     next to its history (group 'catalog')."""
     import warnings
 
-    from .catalog import _format_of, find_sources, write_catalog, write_regions
-    from .history import open_history
-    from .store_catalog import read_store_catalog, write_store_catalog
+    from .catalog_files import write_catalog, write_regions
+    from .store_catalog import catalog_of_result, write_store_catalog
 
-    if _format_of(out, None) == "ds9":
-        raise click.UsageError("--out takes a .fits, .fits.gz or .ecsv catalog; use --regions")
-    check_output(out, overwrite=options["overwrite"], hint="--overwrite")
+    try:
+        catalog_format(out, regions=False)
+    except InputError as exc:
+        raise click.UsageError(f"--out: {exc} (region files: --regions)") from None
+    overwrite = options.pop("overwrite")
+    check_output(out, overwrite=overwrite, hint="--overwrite")
     if regions is not None:
-        check_output(regions, overwrite=options["overwrite"], hint="--overwrite")
-    exposure = None
-    in_store = result.name.lower().endswith(".zarr")
-    if in_store:
-        history = open_history(result)
-        if read_store_catalog(result) is not None and not options["overwrite"]:
-            raise StoreError(f"{result} already holds a catalog (use --overwrite to replace it)")
-        state = history.final
-        exposure = history.inputs["exposure"] if "exposure" in history.inputs else None
-    else:
-        state = read_state(result)
-    if maps is not None:
-        data = read_maps(maps)
-        if "exposure" not in data:
-            raise InputError(f"{maps} has no EXPOSURE HDU")
-        exposure = data["exposure"]
-    psf = options["psf_sigma"]
+        check_output(regions, overwrite=overwrite, hint="--overwrite")
+    psf = options.pop("psf_sigma")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        table = find_sources(
-            state,
-            exposure=exposure,
-            min_significance=options["min_significance"],
-            deblend=options["deblend"],
-            contrast=options["contrast"],
-            min_separation=options["min_separation"],
+        table, in_store = catalog_of_result(
+            result,
+            exposure_maps=maps,
+            overwrite=overwrite,
             psf_sigma=None if psf is None else psf * u.deg,
+            **options,
         )
     for warning in caught:
         click.echo(f"cwtflow: warning: {_one_line(str(warning.message))}", err=True)
-    write_catalog(table, out, overwrite=options["overwrite"])
+    write_catalog(table, out, overwrite=overwrite)
     click.echo(f"wrote {out} ({len(table)} sources)")
     if in_store:
-        write_store_catalog(result, table, overwrite=options["overwrite"])
+        write_store_catalog(result, table, overwrite=overwrite)
         click.echo(f"kept the catalog in {result} (group 'catalog')")
     if regions is not None:
-        write_regions(table, regions, overwrite=options["overwrite"])
+        write_regions(table, regions, overwrite=overwrite)
         click.echo(f"wrote {regions}")
 
 

@@ -15,7 +15,8 @@ from regions import CircleSkyRegion, Regions
 
 import cwtflow
 from cwtflow import peaks
-from cwtflow.catalog import CATALOG_COLUMNS, find_sources, read_catalog, write_catalog
+from cwtflow.catalog import CATALOG_COLUMNS, find_sources
+from cwtflow.catalog_files import read_catalog, write_catalog
 from cwtflow.errors import InputError, StoreError
 
 KERNELS = cwtflow.CWTKernels(n_scale=2, min_scale=1.5, step_scale=2.0)
@@ -365,7 +366,7 @@ def test_region_file_round_trip(tmp_path, three_sources):
         assert str(shape.meta["text"]) == str(row["id"])
     with pytest.raises(StoreError, match="exists"):
         write_catalog(table, path)
-    cwtflow.catalog.write_regions(table, path, radius=0.2 * u.deg, overwrite=True)
+    cwtflow.write_regions(table, path, radius=0.2 * u.deg, overwrite=True)
     assert all(s.radius.to_value(u.deg) == pytest.approx(0.2) for s in Regions.read(str(path)))
 
 
@@ -379,7 +380,7 @@ def test_output_errors(tmp_path, three_sources):
     with pytest.raises(InputError, match="not a cwtflow catalog"):
         write_catalog(Table({"a": [1]}), tmp_path / "a.fits")
     with pytest.raises(InputError, match="radius"):
-        cwtflow.catalog.write_regions(table, tmp_path / "a.reg", radius="size")
+        cwtflow.write_regions(table, tmp_path / "a.reg", radius="size")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         write_catalog(table, tmp_path / "quiet.fits")  # no header-card warnings

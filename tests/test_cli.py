@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 from astropy.table import Table
 from click.testing import CliRunner
-from conftest import SURVEY_FILE, random_arrays
+from helpers import SURVEY_FILE, random_arrays
 from test_io import BAD_MAPS, maps_hdus
 
 import cwtflow
@@ -213,6 +213,7 @@ def test_demo_out_folder_and_refusals(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_console_entry_point_one_line_error(tmp_path):
     """The real process: exit status 1, one stderr line, no traceback, nothing written."""
     code = "from cwtflow.cli import main; main()"
