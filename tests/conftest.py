@@ -1,48 +1,16 @@
-"""Shared fixtures: small random sky maps, the shared sample data, the survey map."""
+"""Shared fixtures: small random sky maps, the shared sample data, the survey map (built on
+``helpers.py``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import xarray as xr
+from helpers import SHARED_DATA, SURVEY_FILE, load_survey, random_arrays
 
 import cwtflow
-
-SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
-SURVEY_FILE = "fermi_survey_gal_plane.fits.gz"
-
-
-def random_arrays(
-    seed: int,
-    shape: tuple[int, int] = (40, 56),
-    *,
-    level: float = 0.6,
-    n_sources: int = 4,
-    zero_patch: tuple[slice, slice] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Poisson counts over a smooth positive background with a few Gaussian sources.
-
-    ``zero_patch`` is a region where background and counts are both exactly 0 (outside a
-    survey footprint, say), so that ``E == 0`` occurs there.
-    """
-    rng = np.random.default_rng(seed)
-    ny, nx = shape
-    y, x = np.indices(shape, dtype=np.float64)
-    background = level * (1.0 + 0.4 * np.sin(x / 7.0 + rng.uniform(0, 6)) * np.cos(y / 5.0))
-    rate = background.copy()
-    for _ in range(n_sources):
-        cy, cx = rng.uniform(0, ny), rng.uniform(0, nx)
-        flux, sigma = rng.uniform(8.0, 40.0), rng.uniform(0.8, 2.0)
-        r2 = (y - cy) ** 2 + (x - cx) ** 2
-        rate += flux * np.exp(-r2 / (2 * sigma**2)) / (2 * np.pi * sigma**2)
-    if zero_patch is not None:
-        background[zero_patch] = 0.0
-        rate[zero_patch] = 0.0
-    counts = rng.poisson(rate).astype(np.float64)
-    return counts, background
 
 
 @pytest.fixture
@@ -63,22 +31,6 @@ def shared_data() -> Path:
     if not (SHARED_DATA / SURVEY_FILE).is_file():
         pytest.skip(f"shared sample data not found at {SHARED_DATA} (needs {SURVEY_FILE})")
     return SHARED_DATA
-
-
-def load_survey(path: Path) -> xr.Dataset:
-    """The survey map's counts and background with WCS, through the public reader when the
-    package has one (plain astropy + `cwtflow.make_maps` otherwise)."""
-    if hasattr(cwtflow, "read_maps"):
-        return cwtflow.read_maps(path)
-    import warnings
-
-    from astropy.io import fits
-    from astropy.wcs import WCS, FITSFixedWarning
-
-    with fits.open(path) as hdus, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        wcs = WCS(hdus["COUNTS"].header)
-        return cwtflow.make_maps(hdus["COUNTS"].data, hdus["BACKGROUND"].data, wcs)
 
 
 @pytest.fixture(scope="session")

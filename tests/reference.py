@@ -1,9 +1,9 @@
 """Brute-force implementation of the CWT specification, used only by the tests.
 
-Written from ``cwt-algorithm.md`` without looking at how cwtflow does it, and as plainly as
-possible: kernels straight from the formulas, convolutions by direct spatial summation
-(``scipy.ndimage.convolve``, no FFT anywhere), support cleaning with a Python loop that scans the
-whole image once per component, and a plain loop for the iteration and its history.
+Written from the specification (``docs/algorithm.md``) without looking at how cwtflow does it,
+and as plainly as possible: kernels straight from the formulas, convolutions by direct spatial
+summation (``scipy.ndimage.convolve``, no FFT anywhere), support cleaning with a Python loop that
+scans the whole image once per component, and a plain loop for the iteration and its history.
 
 Where the specification leaves a choice to cwtflow it is defined here as follows:
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import random_arrays
+from helpers import random_arrays
 
 import cwtflow
 from cwtflow import CWT, CWTKernels, analysis

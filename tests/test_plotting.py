@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.image
 import pytest
 from astropy.visualization.wcsaxes import WCSAxes
-from conftest import random_arrays
+from helpers import random_arrays
 
 import cwtflow
 from cwtflow import InputError
