@@ -9,45 +9,160 @@ nothing to start, no serialisation) or on a `distributed` cluster given as a `Cl
   127.0.0.1 (never to a network interface unless ``host`` says so) and stops it on exit;
 - `open_client()` yields ``None``: the local default.
 
-`progress` gives a task progress bar that works in both cases (dask's local diagnostics show
-nothing under a `Client`, so on a cluster a scheduler plugin counts tasks instead).
+Security model. Loopback keeps other machines out, not other users of the same machine, and
+whoever can talk to a dask scheduler can run code in it and in its workers. So a local cluster
+speaks TLS with credentials made for it (`distributed.security.Security.temporary`: a key and
+a self-signed certificate that exist only in this process and the worker processes it
+starts): a client without them cannot connect. A scheduler file is used only if it belongs to
+the user and nobody else can write it. Connections to external schedulers take their TLS
+credentials from dask's configuration (``distributed.comm.tls``) or from ``security=``.
+
+Failures. Every failure of the cluster during the ``with`` block of `open_client` (a task that
+killed its workers, a scheduler gone, no worker left for ``no_worker_timeout`` seconds) ends as
+one `ClusterError`; distributed's log tracebacks of connections that broke and were repaired
+(a worker killed and restarted by its nanny) are kept off stderr while the block runs.
+
+`TaskProgress` is a task progress bar for a cluster (dask's local diagnostics show nothing under
+a `Client`, so a scheduler plugin counts tasks instead).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
+import json
+import logging
 import os
+import re
+import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
+import dask
 from distributed import Client, LocalCluster
-from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.comm import CommClosedError
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from distributed.security import Security
 from distributed.utils import format_dashboard_link
 
-from .errors import InputError
+from .errors import ClusterError, InputError
 
 __all__ = [
+    "CONNECT_TIMEOUT_ENV",
     "LOOPBACK",
+    "NO_WORKER_TIMEOUT",
+    "NO_WORKER_TIMEOUT_ENV",
     "TaskProgress",
+    "check_scheduler_file",
     "client_summary",
     "dashboard_link",
+    "local_security",
     "open_client",
-    "progress",
     "start_local_cluster",
-    "worker_pids",
+    "write_tls_credentials",
 ]
 
 #: Interface local clusters bind to unless told otherwise.
 LOOPBACK = "127.0.0.1"
+#: Seconds a run waits with no worker in the cluster before failing with `ClusterError`.
+NO_WORKER_TIMEOUT = 60.0
+#: Environment variable overriding `NO_WORKER_TIMEOUT` (seconds).
+NO_WORKER_TIMEOUT_ENV = "CWTFLOW_NO_WORKER_TIMEOUT"
+#: Environment variable overriding the default connection timeout of `open_client` (seconds).
+CONNECT_TIMEOUT_ENV = "CWTFLOW_CONNECT_TIMEOUT"
+_CONNECT_TIMEOUT = 10.0
 
 
 def _check_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def _seconds(value: Any, env: str, default: float) -> float:
+    """``value`` if given, else the environment variable ``env``, else ``default``."""
+    source = "argument"
+    if value is None:
+        value, source = os.environ.get(env), env
+        if value is None or not str(value).strip():
+            return default
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise InputError(f"{source}: a time in seconds must be a positive number, got {value!r}")
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials
+
+
+def _configured_tls() -> bool:
+    """dask's configuration names TLS certificates (e.g. ``cluster/tls/dask-tls.yaml``)."""
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None))
+
+
+def local_security() -> Security:
+    """Security of a cluster started by this process: the TLS certificates of dask's
+    configuration when it names some (``cluster/tls``), else temporary credentials made for
+    this cluster alone (`Security.temporary`); encryption and authentication are required
+    either way."""
+    if _configured_tls():
+        return Security(require_encryption=True)
+    try:
+        return Security.temporary()
+    except ImportError as exc:  # pragma: no cover - cryptography is a dependency of cwtflow
+        raise ClusterError(
+            "TLS credentials for the cluster need the 'cryptography' package (pip install "
+            "cryptography)"
+        ) from exc
+
+
+def write_tls_credentials(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """Write temporary TLS credentials for a cluster of separate processes into ``directory``.
+
+    The directory is created readable by its owner only (``0700``); the self-signed
+    certificate (``cert.pem``) and its key (``key.pem``) are written ``0600``. Returns the dask
+    configuration, as environment variables, that makes a scheduler, its workers and its
+    clients use them (``DASK_DISTRIBUTED__COMM__TLS__...``; `distributed` reads them at
+    import). Whoever can read the key can use the cluster: keep the directory private.
+    """
+    folder = Path(directory).expanduser()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise ClusterError(f"credentials folder {folder} belongs to another user")
+    os.chmod(folder, 0o700)
+    try:
+        temporary = Security.temporary()
+    except ImportError as exc:  # pragma: no cover - cryptography is a dependency of cwtflow
+        raise ClusterError("TLS credentials need the 'cryptography' package") from exc
+    files = {"cert.pem": temporary.tls_ca_file, "key.pem": temporary.tls_client_key}
+    for name, text in files.items():
+        path = folder / name
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    prefix = "DASK_DISTRIBUTED__COMM__"
+    env = {f"{prefix}REQUIRE_ENCRYPTION": "True", f"{prefix}TLS__CA_FILE": cert}
+    for role in ("SCHEDULER", "WORKER", "CLIENT"):
+        env[f"{prefix}TLS__{role}__CERT"] = cert
+        env[f"{prefix}TLS__{role}__KEY"] = key
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Local cluster
 
 
 def start_local_cluster(
@@ -57,8 +172,9 @@ def start_local_cluster(
     memory_limit: str | int | float | None = "auto",
     host: str = LOOPBACK,
     dashboard: bool = True,
+    security: Security | None = None,
 ) -> LocalCluster:
-    """Start a scheduler and ``n_workers`` worker processes on this machine.
+    """Start a scheduler and ``n_workers`` worker processes on this machine, speaking TLS.
 
     Parameters
     ----------
@@ -74,15 +190,22 @@ def start_local_cluster(
         Interface the scheduler and workers bind to; loopback by default so that nothing is
         reachable from the network.
     dashboard : bool
-        Serve the scheduler dashboard on a free port of ``host`` (its pages need bokeh).
+        Serve the scheduler dashboard on a free port of ``host`` (its pages need bokeh). It is
+        plain HTTP and read-only: other users of the machine can look at it, not run code.
+    security : distributed.security.Security, optional
+        Credentials of the cluster; by default `local_security` (temporary credentials known
+        only to this process and its workers). Clients made with ``Client(cluster)`` get them;
+        a client given only the address is refused.
 
     Returns
     -------
     distributed.LocalCluster
-        The running cluster; close it (or use it as a context manager) to stop the processes.
+        The running cluster (``tls://`` addresses); close it (or use it as a context manager)
+        to stop the processes.
     """
     _check_count("n_workers", n_workers)
     _check_count("threads_per_worker", threads_per_worker)
+    security = local_security() if security is None else security
     # the scheduler's HTTP server (health, metrics, dashboard pages) always runs: a free port
     # of ``host``, never a fixed one that another cluster on the machine may hold
     return LocalCluster(
@@ -90,6 +213,8 @@ def start_local_cluster(
         threads_per_worker=threads_per_worker,
         processes=True,
         host=host,
+        protocol="tls://" if security.require_encryption else None,
+        security=security,
         memory_limit=memory_limit,
         dashboard_address=f"{host}:0",
         scheduler_kwargs={"dashboard": dashboard},
@@ -121,11 +246,6 @@ def dashboard_link(client: Client) -> str | None:
     return format_dashboard_link(host, port)  # honours distributed.dashboard.link
 
 
-def worker_pids(client: Client) -> dict[str, int]:
-    """Process id of every worker, by worker address (to inspect, or to kill one in a test)."""
-    return client.run(os.getpid)
-
-
 def client_summary(client: Client) -> str:
     """One line describing the cluster: scheduler address, workers, threads and dashboard."""
     info = client.scheduler_info(n_workers=-1)
@@ -140,6 +260,275 @@ def client_summary(client: Client) -> str:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Scheduler files and addresses
+
+_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
+_ADDRESS = re.compile(
+    r"^(?:(?P<scheme>[a-z]+)://)?(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(?P<port>\d+)$"
+)
+
+
+def _check_address(address: Any, where: str) -> str:
+    """A scheduler address ``scheme://host:port``, refused early with one clear message."""
+    if not isinstance(address, str) or not address.strip():
+        raise InputError(f"{where}: scheduler address must be a non-empty string, got {address!r}")
+    match = _ADDRESS.match(address.strip())
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise InputError(
+            f"{where}: {address!r} is neither a scheduler address (tls://host:port, "
+            "tcp://host:port) nor an existing scheduler file"
+        )
+    scheme = match["scheme"] or dask.config.get("distributed.comm.default-scheme", "tcp")
+    if scheme not in _SCHEMES:
+        raise InputError(f"{where}: unknown protocol {scheme!r} in scheduler address {address!r}")
+    return f"{scheme}://{match['host']}:{match['port']}"
+
+
+def check_scheduler_file(path: str | os.PathLike[str]) -> str:
+    """Address of the scheduler named in a scheduler file the user can trust.
+
+    The file must exist, belong to the user running cwtflow, not be writable by group or
+    others (whoever can write it could point the run at a scheduler of theirs), and hold the
+    JSON that ``dask scheduler --scheduler-file`` writes. The checks apply to the file that is
+    read (its open descriptor), not to whatever the path names a moment later.
+
+    Raises
+    ------
+    InputError
+        Missing, foreign, writable by others, or not a scheduler file.
+    """
+    name = os.fspath(path)
+    try:
+        fd = os.open(os.path.expanduser(name), os.O_RDONLY | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise InputError(f"scheduler file {name!r} is missing (no such file)") from None
+    except OSError as exc:
+        raise InputError(f"cannot read scheduler file {name!r}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"scheduler file {name!r} is not a regular file")
+        if info.st_uid != os.getuid():
+            raise InputError(
+                f"refusing scheduler file {name!r}: it belongs to user id {info.st_uid}, not to "
+                f"you ({os.getuid()}); only a file you own can name your scheduler"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise InputError(
+                f"refusing scheduler file {name!r}: group or others can write it (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); make it private with chmod go-w"
+            )
+        raw = f.read(1 << 20)
+    try:
+        content = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        content = None
+    if not isinstance(content, dict) or "address" not in content:
+        raise InputError(
+            f"scheduler file {name!r} is not a dask scheduler file (JSON with an 'address')"
+        )
+    return _check_address(content["address"], f"scheduler file {name!r}")
+
+
+def _client_security(address: str, security: Security | None) -> Security:
+    security = Security() if security is None else security
+    if address.startswith("tls://") and not (security.tls_ca_file and security.tls_client_cert):
+        raise ClusterError(
+            f"the scheduler at {address} speaks TLS and no client credentials are configured: "
+            "set distributed.comm.tls (ca-file, client cert and key) in dask's configuration "
+            "or environment (e.g. source the tls.env of cluster/local/dask-local.sh)"
+        )
+    return security
+
+
+async def _probe(address: str, security: Security, timeout: float) -> None:
+    """Open and close one connection to ``address`` (TLS handshake included)."""
+    from distributed.comm import connect
+
+    comm = await connect(address, timeout=timeout, **security.get_connection_args("client"))
+    await comm.close()
+
+
+def _connect(address: str, target: str, security: Security | None, timeout: float) -> Client:
+    security = _client_security(address, security)
+    started = time.monotonic()
+    try:
+        # a bare connection first: fails fast and cleanly where a half-built Client would
+        # linger (and complain from its __del__) after refusing to connect
+        with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
+            asyncio.run(asyncio.wait_for(_probe(address, security, timeout), timeout + 1))
+        left = max(timeout - (time.monotonic() - started), 1.0)
+        return Client(address, timeout=left, security=security, set_as_default=False)
+    except (OSError, TimeoutError, ValueError, TypeError, RuntimeError) as exc:
+        # unreachable or refusing scheduler, TLS credentials missing or rejected
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClusterError(f"cannot connect to {target}: {reason}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Failures: watchdog, error translation, quiet logs
+
+
+class _NoWorkerWatchdog:
+    """Thread failing the client's pending futures once the cluster has had no worker (or no
+    reachable scheduler) for ``timeout`` seconds; `reason` then says why."""
+
+    def __init__(self, client: Client, timeout: float, interval: float | None = None) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.interval = min(1.0, timeout / 4) if interval is None else interval
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cwtflow-watchdog", daemon=True)
+
+    def __enter__(self) -> _NoWorkerWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 1)  # a daemon stuck in a call may stay
+
+    def _workers(self) -> int | None:
+        """Number of workers, ``None`` if the scheduler does not answer."""
+        if self.client.status != "running":
+            return None
+        try:
+            return len(self.client.nthreads())
+        except Exception:
+            return None
+
+    def _run(self) -> None:
+        since = time.monotonic()
+        while not self._stop.wait(self.interval):
+            workers = self._workers()
+            if workers:
+                since = time.monotonic()
+                continue
+            if time.monotonic() - since < self.timeout:
+                continue
+            address = getattr(self.client.scheduler, "address", "?")
+            what = "no worker" if workers == 0 else "no answer from the scheduler"
+            self.reason = (
+                f"the dask cluster at {address} has had {what} for {self.timeout:g} s "
+                f"({NO_WORKER_TIMEOUT_ENV} sets this limit)"
+            )
+            self._fail_pending()
+            return
+
+    def _fail_pending(self) -> None:
+        reason = self.reason
+
+        def cancel() -> None:
+            for state in list(self.client.futures.values()):
+                state.cancel(reason=reason, msg=reason)
+
+        with contextlib.suppress(Exception):
+            self.client.loop.add_callback(cancel)
+
+
+def _failure_message(exc: BaseException, client: Client) -> str | None:
+    """One line saying how the cluster failed, or ``None`` if ``exc`` is not a cluster failure."""
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    address = getattr(client.scheduler, "address", "?")
+    if isinstance(exc, KilledWorker):
+        return (
+            f"task {exc.task!r} was running on {exc.allowed_failures + 1} workers that died "
+            f"(last {exc.last_worker.address}); the cluster at {address} kills it every time "
+            "(out of memory?)"
+        )
+    if isinstance(exc, CommClosedError) or (
+        isinstance(exc, OSError | asyncio.CancelledError | TimeoutError)
+        and client.status != "running"
+    ):
+        return f"lost the dask scheduler at {address} ({type(exc).__name__}: {exc})"
+    if isinstance(exc, FutureCancelledError):
+        return f"tasks were cancelled on the dask cluster at {address}: {exc}"
+    if isinstance(exc, TimeoutError):
+        return f"the dask cluster at {address} did not answer in time: {exc}"
+    return None
+
+
+#: Log records of broken connections that the cluster repairs (a dead worker's peers, its
+#: heartbeats): tracebacks on stderr that say nothing a failed run does not say itself.
+_TRANSIENT = re.compile(
+    r"Worker stream died|during heartbeat|Failed to reconnect|Connection to .* closed|"
+    r"Stream is closed|Nanny .* failed to start|Worker process .* (was killed|exited)|"
+    r"Restarting worker|Failed to communicate|Removing worker .* caused the cluster to lose|"
+    r"Waiting to connect|Unable to connect|Received heartbeat from unregistered|"
+    r"Timed out trying to connect|Lost connection|Close client connection|"
+    r"marked as failed because \d+ workers died"
+)
+
+
+class _QuietFilter(logging.Filter):
+    """Drops distributed's log records of transient connection failures."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError | asyncio.CancelledError):  # CommClosedError is an OSError
+            return False
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        return _TRANSIENT.search(message) is None
+
+
+_FILTER = _QuietFilter()
+
+
+def _quiet_handlers() -> list[logging.Handler]:
+    handlers = []
+    for name in ("distributed", ""):
+        handlers.extend(logging.getLogger(name).handlers)
+    return handlers
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Keep `_QuietFilter` on the handlers of distributed's logs while the block runs."""
+    handlers = [h for h in _quiet_handlers() if _FILTER not in h.filters]
+    for handler in handlers:
+        handler.addFilter(_FILTER)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_FILTER)
+
+
+class _QuietWorkerLogs(WorkerPlugin):
+    """`_QuietFilter` in the worker processes of a local cluster (they share our stderr); the
+    scheduler hands the plugin to workers that a nanny restarts as well."""
+
+    name = "cwtflow-quiet-logs"
+
+    def setup(self, worker: Any) -> None:
+        for handler in _quiet_handlers():
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
+
+    def teardown(self, worker: Any) -> None:
+        for handler in _quiet_handlers():
+            handler.removeFilter(_FILTER)
+
+
+def _close_quietly(client: Client, cluster: LocalCluster | None, timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        client.close(timeout=timeout)
+    if cluster is not None:
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# The client of a run
+
+
 @contextlib.contextmanager
 def open_client(
     *,
@@ -149,7 +538,9 @@ def open_client(
     threads_per_worker: int = 1,
     memory_limit: str | int | float | None = "auto",
     host: str = LOOPBACK,
-    timeout: float = 10.0,
+    timeout: float | None = None,
+    security: Security | None = None,
+    no_worker_timeout: float | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> Iterator[Client | None]:
     """Client for a run, from the CLI's ``--scheduler`` / ``--scheduler-file`` / ``--workers``.
@@ -157,18 +548,29 @@ def open_client(
     Parameters
     ----------
     scheduler : str, optional
-        Address of a running scheduler (``tcp://host:8786``, ``tls://...``), or the path of an
-        existing scheduler file. TLS settings come from dask's configuration
-        (``distributed.comm.tls``, see ``cluster/tls``).
+        Address of a running scheduler (``tls://host:8786``, ``tcp://...``), or the path of an
+        existing scheduler file.
     scheduler_file : path, optional
-        Scheduler file written by ``dask scheduler --scheduler-file`` (or dask-jobqueue).
+        Scheduler file written by ``dask scheduler --scheduler-file`` (or dask-jobqueue, or
+        ``cluster/local/dask-local.sh``). It must belong to the user and not be writable by
+        group or others (`check_scheduler_file`).
     workers : int, optional
-        Start a `LocalCluster` of this many worker processes bound to ``host``; it is stopped
-        when the context exits.
+        Start a `LocalCluster` of this many worker processes bound to ``host``, speaking TLS
+        with temporary credentials (`start_local_cluster`); it is stopped when the context
+        exits.
     threads_per_worker, memory_limit, host
         Settings of the local cluster (see `start_local_cluster`).
-    timeout : float
-        Seconds to wait for a scheduler to answer.
+    timeout : float, optional
+        Seconds to wait for a scheduler to answer (default 10, or the environment variable
+        ``CWTFLOW_CONNECT_TIMEOUT``).
+    security : distributed.security.Security, optional
+        Credentials: for an external scheduler, those of dask's configuration
+        (``distributed.comm.tls``, see ``cluster/tls``) by default; for ``workers``, temporary
+        ones (`local_security`).
+    no_worker_timeout : float, optional
+        Fail once the cluster has had no worker, or its scheduler has not answered, for this
+        many seconds while the block runs (default 60, or the environment variable
+        ``CWTFLOW_NO_WORKER_TIMEOUT``).
     echo : callable, optional
         Receives one line describing the cluster (address, workers, dashboard), e.g. ``print``.
 
@@ -181,8 +583,13 @@ def open_client(
     Raises
     ------
     InputError
-        More than one of the three options, a missing scheduler file, a scheduler that does not
-        answer within ``timeout``, or a bad worker count.
+        More than one of the three options, a bad worker count, a bad address, or a scheduler
+        file that is missing, not the user's, writable by others or not a scheduler file.
+    ClusterError
+        A scheduler that does not answer within ``timeout`` or refuses the credentials, a local
+        cluster that does not start, and every failure of the cluster inside the block: a task
+        that killed its workers (`distributed.KilledWorker`), the scheduler lost, no worker for
+        ``no_worker_timeout`` seconds.
     """
     given = [
         name
@@ -198,46 +605,78 @@ def open_client(
     if not given:
         yield None
         return
-    with contextlib.ExitStack() as stack:
+    timeout = _seconds(timeout, CONNECT_TIMEOUT_ENV, _CONNECT_TIMEOUT)
+    no_worker_timeout = _seconds(no_worker_timeout, NO_WORKER_TIMEOUT_ENV, NO_WORKER_TIMEOUT)
+    cluster: LocalCluster | None = None
+    with _quiet_logs():
         if workers is not None:
             _check_count("workers", workers)
-            cluster = stack.enter_context(
-                start_local_cluster(
+            try:
+                cluster = start_local_cluster(
                     workers,
                     threads_per_worker=threads_per_worker,
                     memory_limit=memory_limit,
                     host=host,
+                    security=security,
                 )
-            )
-            client = stack.enter_context(Client(cluster, set_as_default=False))
+            except (InputError, ClusterError):
+                raise
+            except Exception as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ClusterError(f"the local dask cluster did not start: {reason}") from None
+            try:
+                client = Client(cluster, set_as_default=False, timeout=timeout)
+            except Exception as exc:
+                _close_quietly_cluster(cluster, timeout)
+                raise ClusterError(f"cannot connect to the local dask cluster: {exc}") from None
         else:
-            client = stack.enter_context(_connect(scheduler, scheduler_file, timeout))
-        if echo is not None:
-            echo(client_summary(client))
-        yield client
+            address, target = _resolve(scheduler, scheduler_file)
+            client = _connect(address, target, security, timeout)
+        try:
+            if cluster is not None:
+                client.register_plugin(_QuietWorkerLogs(), name=_QuietWorkerLogs.name)
+            if echo is not None:
+                echo(client_summary(client))
+            with _NoWorkerWatchdog(client, no_worker_timeout) as watchdog:
+                try:
+                    yield client
+                except Exception as exc:
+                    if isinstance(exc, ClusterError | InputError):
+                        raise
+                    message = watchdog.reason or _failure_message(exc, client)
+                    if message is None:
+                        raise
+                    raise ClusterError(message) from exc
+        except ClusterError:
+            _close_quietly(client, cluster, min(timeout, 5.0))
+            raise
+        except BaseException:
+            _close_quietly(client, cluster, timeout)
+            raise
+        else:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
-def _connect(
-    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None, timeout: float
-) -> Client:
-    if scheduler is not None and os.path.isfile(scheduler):
-        scheduler, scheduler_file = None, scheduler  # a scheduler file given as the address
+def _close_quietly_cluster(cluster: LocalCluster, timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        cluster.close(timeout=timeout)
+
+
+def _resolve(
+    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None
+) -> tuple[str, str]:
+    """(address, description) of ``--scheduler`` (address or file) or a scheduler file."""
+    if scheduler is not None and isinstance(scheduler, str) and "://" not in scheduler:
+        if os.path.lexists(os.path.expanduser(scheduler)) or scheduler.endswith(".json"):
+            scheduler, scheduler_file = None, scheduler  # a scheduler file given as the address
     if scheduler_file is not None:
-        if not os.path.isfile(scheduler_file):
-            raise InputError(f"scheduler file {os.fspath(scheduler_file)!r} does not exist")
-        target = f"scheduler file {os.fspath(scheduler_file)!r}"
-        kwargs: dict[str, Any] = {"scheduler_file": os.fspath(scheduler_file)}
-    else:
-        if not isinstance(scheduler, str) or not scheduler.strip():
-            raise InputError(f"scheduler address must be a non-empty string, got {scheduler!r}")
-        target = f"dask scheduler at {scheduler}"
-        kwargs = {"address": scheduler}
-    try:
-        return Client(timeout=timeout, set_as_default=False, **kwargs)
-    except (OSError, TimeoutError, ValueError, TypeError, RuntimeError) as exc:
-        # unreachable or refusing scheduler, bad address, TLS settings missing or rejected
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot connect to {target}: {reason}") from None
+        name = os.fspath(scheduler_file)
+        address = check_scheduler_file(name)
+        return address, f"dask scheduler at {address} (scheduler file {name!r})"
+    address = _check_address(scheduler, "--scheduler")
+    return address, f"dask scheduler at {address}"
 
 
 class _TaskCounter(SchedulerPlugin):
@@ -349,18 +788,3 @@ class TaskProgress:
         finally:
             if self._bar is not None:
                 self._bar.close()
-
-
-def progress(
-    client: Client | None = None, *, file: IO[str] | None = None, disable: bool = False
-) -> contextlib.AbstractContextManager[Any]:
-    """A task progress bar for computations run inside the ``with`` block.
-
-    With a ``client``: a `TaskProgress` fed by the scheduler. Without (threaded scheduler in
-    this process): tqdm's dask callback.
-    """
-    if client is not None:
-        return TaskProgress(client, file=file, disable=disable)
-    from tqdm.dask import TqdmCallback
-
-    return TqdmCallback(desc="tasks", unit="task", file=file or sys.stderr, disable=disable)

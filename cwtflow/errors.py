@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CWTFlowError", "InputError", "StoreError"]
+__all__ = ["CWTFlowError", "ClusterError", "InputError", "StoreError"]
 
 
 class CWTFlowError(Exception):
@@ -15,3 +15,7 @@ class InputError(CWTFlowError, ValueError):
 
 class StoreError(CWTFlowError):
     """A result store or output path cannot be written, read or resumed."""
+
+
+class ClusterError(CWTFlowError):
+    """The dask cluster of a run failed: unreachable, lost, without workers, or killing tasks."""

@@ -8,6 +8,7 @@ tasks), the driver is killed mid-run and resumed against the same cluster, and t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -27,17 +28,18 @@ import xarray as xr
 import yaml
 import zarr
 from distributed import Client, LocalCluster
+from distributed.security import Security
 
 import cwtflow
 from cwtflow import CWT, CWTKernels, InputError
 from cwtflow.cluster import (
     TaskProgress,
+    check_scheduler_file,
     client_summary,
     open_client,
-    progress,
     start_local_cluster,
-    worker_pids,
 )
+from cwtflow.errors import ClusterError
 from cwtflow.simulate import simulate_sky
 from cwtflow.state import STATE_VARS
 
@@ -70,6 +72,37 @@ def assert_gone(pid: int) -> None:
         return
     except psutil.TimeoutExpired:
         assert process.status() == psutil.STATUS_ZOMBIE, f"process {pid} still running"
+
+
+def worker_pids(client: Client) -> dict[str, int]:
+    """Process id of every worker, by worker address."""
+    return client.run(os.getpid)
+
+
+_TLS = "DASK_DISTRIBUTED__COMM__TLS__"
+
+
+def credentials_env(security: Security, folder: Path) -> dict[str, str]:
+    """The client credentials of ``security`` as files in ``folder`` and dask environment
+    variables naming them (for a driver subprocess)."""
+    folder.mkdir(mode=0o700)
+    (folder / "cert.pem").write_text(security.tls_client_cert)
+    (folder / "key.pem").write_text(security.tls_client_key)
+    return {
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+        f"{_TLS}CA_FILE": str(folder / "cert.pem"),
+        f"{_TLS}CLIENT__CERT": str(folder / "cert.pem"),
+        f"{_TLS}CLIENT__KEY": str(folder / "key.pem"),
+    }
+
+
+def security_from_env(env: dict[str, str]) -> Security:
+    return Security(
+        require_encryption=True,
+        tls_ca_file=env[f"{_TLS}CA_FILE"],
+        tls_client_cert=env[f"{_TLS}CLIENT__CERT"],
+        tls_client_key=env[f"{_TLS}CLIENT__KEY"],
+    )
 
 
 def listening_hosts(pid: int) -> set[str]:
@@ -109,10 +142,10 @@ def small_expected(small_sky: xr.Dataset) -> xr.Dataset:
 
 
 def test_local_cluster_binds_loopback(client: Client, cluster: LocalCluster) -> None:
-    assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+    assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
     workers = client.scheduler_info(n_workers=-1)["workers"]
     assert len(workers) == 2
-    assert all(address.startswith("tcp://127.0.0.1:") for address in workers)
+    assert all(address.startswith("tls://127.0.0.1:") for address in workers)
     # every socket the scheduler (this process) and the worker processes listen on
     for pid in [os.getpid(), *worker_pids(client).values()]:
         hosts = listening_hosts(pid)
@@ -121,7 +154,10 @@ def test_local_cluster_binds_loopback(client: Client, cluster: LocalCluster) -> 
 
 def test_open_client_connects_and_describes(cluster: LocalCluster) -> None:
     lines: list[str] = []
-    with open_client(scheduler=cluster.scheduler_address, echo=lines.append) as c:
+    security = cluster.security  # the run's credentials
+    with open_client(
+        scheduler=cluster.scheduler_address, security=security, echo=lines.append
+    ) as c:
         assert c is not None
         assert c.scheduler.address == cluster.scheduler_address
         assert c.submit(lambda x: x + 1, 41).result() == 42
@@ -134,8 +170,9 @@ def test_open_client_connects_and_describes(cluster: LocalCluster) -> None:
 def test_open_client_with_scheduler_file(cluster: LocalCluster, tmp_path: Path) -> None:
     path = tmp_path / "scheduler.json"
     path.write_text(json.dumps({"address": cluster.scheduler_address}))
+    path.chmod(0o644)
     for kwargs in ({"scheduler_file": path}, {"scheduler": str(path)}):
-        with open_client(**kwargs) as c:
+        with open_client(security=cluster.security, **kwargs) as c:
             assert c.scheduler.address == cluster.scheduler_address
 
 
@@ -146,10 +183,12 @@ def test_open_client_refuses_bad_options(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="positive integer"):
         with open_client(workers=0):
             pass
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="missing"):
         with open_client(scheduler_file=tmp_path / "missing.json"):
             pass
-    with pytest.raises(InputError, match=r"cannot connect to dask scheduler at tcp://127\.0\.0\.1"):
+    with pytest.raises(
+        ClusterError, match=r"cannot connect to dask scheduler at tcp://127\.0\.0\.1"
+    ):
         with open_client(scheduler="tcp://127.0.0.1:1", timeout=1):
             pass
 
@@ -157,11 +196,164 @@ def test_open_client_refuses_bad_options(tmp_path: Path) -> None:
 def test_open_client_starts_and_stops_loopback_workers() -> None:
     lines: list[str] = []
     with open_client(workers=1, echo=lines.append) as c:
-        assert c.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert c.scheduler.address.startswith("tls://127.0.0.1:")
         (pid,) = worker_pids(c).values()
         assert listening_hosts(pid) <= {"127.0.0.1"}
     assert "1 worker," in lines[0]
     assert_gone(pid)
+
+
+# --- security: only the run's credentials open the cluster --------------------------------
+
+
+def test_cluster_refuses_clients_without_its_credentials(cluster: LocalCluster) -> None:
+    """Stands in for another user of the machine: the address alone is not enough."""
+    address = cluster.scheduler_address
+    assert address.startswith("tls://127.0.0.1:")
+    for kwargs in ({}, {"security": Security.temporary()}):  # none, or other credentials
+        started = time.monotonic()
+        with pytest.raises(Exception):  # noqa: B017 - whatever distributed raises
+            Client(address, timeout=3, set_as_default=False, **kwargs)
+        assert time.monotonic() - started < 10
+    with pytest.raises(Exception):  # noqa: B017 - plain TCP to the TLS listener
+        Client(address.replace("tls://", "tcp://"), timeout=3, set_as_default=False)
+    # through cwtflow: one clear error each
+    with pytest.raises(ClusterError, match="no client credentials"):
+        with open_client(scheduler=address, timeout=3):
+            pass
+    with pytest.raises(ClusterError, match="cannot connect"):
+        with open_client(scheduler=address, security=Security.temporary(), timeout=3):
+            pass
+
+
+# --- scheduler files and addresses --------------------------------------------------------
+
+
+def test_scheduler_file_must_be_private_and_valid(tmp_path: Path) -> None:
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": "tls://127.0.0.1:8786"}))
+    path.chmod(0o644)
+    assert check_scheduler_file(path) == "tls://127.0.0.1:8786"
+    for mode in (0o664, 0o646, 0o666):
+        path.chmod(mode)
+        with pytest.raises(InputError, match="group or others can write it"):
+            check_scheduler_file(path)
+    path.chmod(0o600)
+    with pytest.raises(InputError, match="is missing"):
+        check_scheduler_file(tmp_path / "missing.json")
+    junk = tmp_path / "junk.json"
+    for text in ("junk", "[1, 2]", '{"address": "nowhere"}', '{"id": 1}'):
+        junk.write_text(text)
+        started = time.monotonic()
+        with pytest.raises(InputError, match="scheduler"):
+            with open_client(scheduler_file=junk):
+                pass
+        assert time.monotonic() - started < 2
+
+
+def test_scheduler_file_of_another_user_refused(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": "tls://127.0.0.1:8786"}))
+    path.chmod(0o600)
+    monkeypatch.setattr(os, "getuid", lambda: path.stat().st_uid + 1)  # we are someone else
+    with pytest.raises(InputError, match="belongs to user id"):
+        check_scheduler_file(path)
+
+
+@pytest.mark.slow
+def test_cli_bad_scheduler_one_line_fast(tmp_path: Path, small_sky: xr.Dataset) -> None:
+    maps = tmp_path / "maps.fits"
+    cwtflow.write_maps(small_sky, maps)
+    junk = tmp_path / "junk.json"
+    junk.write_text("not json")
+    junk.chmod(0o600)
+    cases = {
+        "foo": "neither a scheduler address",
+        str(tmp_path / "missing.json"): "is missing",
+        str(junk): "not a dask scheduler file",
+    }
+    for value, message in cases.items():
+        started = time.monotonic()
+        out = subprocess.run(
+            [*CWTFLOW, "run", str(maps), "--out", str(tmp_path / "o.fits"), "--scheduler", value],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        assert out.returncode == 1
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cwtflow: error:"), out.stderr
+        assert message in lines[0]
+        assert elapsed < 5, elapsed
+
+
+# --- no worker left: the watchdog --------------------------------------------------------
+
+
+def _spawned_workers() -> list[psutil.Process]:
+    """Worker processes started by nannies of this process (multiprocessing spawn)."""
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline())
+    ]
+
+
+@pytest.mark.slow
+def test_all_workers_killed_ends_in_cluster_error() -> None:
+    stop = threading.Event()
+
+    def kill_workers() -> None:  # faster than the nanny can bring one back
+        while not stop.is_set():
+            for process in _spawned_workers():
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_workers, daemon=True)
+    try:
+        with pytest.raises(ClusterError, match="no worker for 3 s") as caught:
+            with open_client(workers=1, no_worker_timeout=3, memory_limit=None) as c:
+                killer.start()
+                started = time.monotonic()
+                c.submit(time.sleep, 60).result()
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+    assert 3 <= elapsed < 20, elapsed
+    assert "CWTFLOW_NO_WORKER_TIMEOUT" in str(caught.value)
+
+
+@pytest.mark.slow
+def test_cli_killed_worker_is_one_error_line(tmp_path: Path) -> None:
+    """A task that kills every worker running it: KilledWorker becomes one error line."""
+    code = (
+        "import os, signal\n"
+        "from cwtflow.cluster import open_client\n"
+        "from cwtflow.cli import _fail\n"
+        "from cwtflow.errors import CWTFlowError\n"
+        "def die():\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        "        with open_client(workers=1, no_worker_timeout=60, memory_limit=None) as c:\n"
+        "            c.submit(die).result()\n"
+        "    except CWTFlowError as exc:\n"
+        "        raise SystemExit(_fail(str(exc)))\n"
+    )
+    script = tmp_path / "killer.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("cwtflow: error:")]
+    assert len(errors) == 1 and errors == lines[-1:], out.stderr
+    assert errors[0].startswith("cwtflow: error: task") and "workers that died" in errors[0]
+    # no traceback of the run itself (a worker that the nanny was restarting while the
+    # cluster closed may still print its own; see cluster/README.md)
+    assert "KilledWorker" not in out.stderr
 
 
 def test_task_progress_counts_cluster_tasks(client: Client) -> None:
@@ -174,11 +366,6 @@ def test_task_progress_counts_cluster_tasks(client: Client) -> None:
             assert int((x * 2).sum().compute()) == 2 * sum(range(10_000))
     assert bar.total >= 11 and bar.done == bar.total and bar.erred == 0
     assert f"{bar.done}/{bar.total}" in out.getvalue()
-    # without a client: dask's local callback bar
-    out = io.StringIO()
-    with progress(None, file=out):
-        (x + 1).sum().compute(scheduler="threads")
-    assert "tasks" in out.getvalue() and "100%" in out.getvalue()
 
 
 def test_client_summary_names_dashboard_state(client: Client) -> None:
@@ -317,10 +504,13 @@ def test_driver_killed_and_resumed_against_cluster(
     maps = tmp_path / "maps.fits"
     cwtflow.write_maps(small_sky, maps)
     store = tmp_path / "run.zarr"
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": cluster.scheduler_address}))
+    env = {**os.environ, **credentials_env(cluster.security, tmp_path / "tls")}
     base = [*CWTFLOW, "run", str(maps), "--out", str(store)]
     options = [
         "--scheduler",
-        cluster.scheduler_address,
+        str(scheduler_file),
         "--chunks",
         "64",
         "80",
@@ -337,7 +527,7 @@ def test_driver_killed_and_resumed_against_cluster(
         "--quiet",
     ]
     clients = client.run_on_scheduler(_scheduler_clients)
-    driver = subprocess.Popen([*base, *options], stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen([*base, *options], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 90
     while not _complete(store, 1):
         assert driver.poll() is None, driver.stderr.read()
@@ -349,7 +539,7 @@ def test_driver_killed_and_resumed_against_cluster(
     assert not _complete(store, 3)  # killed mid-run
     _wait_driver_gone(client, clients)
     resumed = subprocess.run(
-        [*base, *options, "--resume"], capture_output=True, text=True, timeout=120
+        [*base, *options, "--resume"], capture_output=True, text=True, timeout=120, env=env
     )
     assert resumed.returncode == 0, resumed.stderr
     expected = CWT(KERNELS, max_iter=3, tol=0).analyze(small_sky)
@@ -380,12 +570,21 @@ def test_local_recipe_script(
         assert started.returncode == 0, started.stderr
         assert str(scheduler_file) in started.stdout
         pids = [int((state_dir / f"{name}.pid").read_text()) for name in ("scheduler", "workers")]
-        with open_client(scheduler=str(scheduler_file)) as c:
-            assert c.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert oct(scheduler_file.stat().st_mode)[-3:] == "600"
+        tls_env = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in (state_dir / "tls.env").read_text().splitlines()
+        )
+        security = security_from_env(tls_env)
+        with pytest.raises(ClusterError, match="cannot connect"):  # other credentials
+            with open_client(scheduler=str(scheduler_file), security=Security.temporary()):
+                pass
+        with open_client(scheduler=str(scheduler_file), security=security) as c:
+            assert c.scheduler.address.startswith("tls://127.0.0.1:")
             workers = worker_pids(c)
             pids += workers.values()
             assert len(workers) == 2
-            assert all(address.startswith("tcp://127.0.0.1:") for address in workers)
+            assert all(address.startswith("tls://127.0.0.1:") for address in workers)
             for pid in pids:  # scheduler, nannies, workers: nothing on another interface
                 assert listening_hosts(pid) <= {"127.0.0.1"}, pid
             cwt = CWT(KERNELS, max_iter=2, tol=0)
@@ -395,7 +594,7 @@ def test_local_recipe_script(
     assert stopped.returncode == 0, stopped.stderr
     for pid in pids:
         assert_gone(pid)
-    assert not scheduler_file.exists()
+    assert not scheduler_file.exists() and not (state_dir / "tls").exists()
     assert_states_equal(result, small_expected)
 
 
@@ -434,14 +633,14 @@ def test_tls_recipe(tmp_path: Path) -> None:
             assert worker.startswith("tls://127.0.0.1:")
             assert c.submit(lambda x: 2 * x, 21).result() == 42
         # plain tcp and a client without the certificates are both refused
-        with pytest.raises(InputError, match="cannot connect"):
+        with pytest.raises(ClusterError, match="cannot connect"):
             with open_client(scheduler=address.replace("tls://", "tcp://"), timeout=2):
                 pass
         no_certs = {
             "distributed.comm.tls.client.cert": None,
             "distributed.comm.tls.client.key": None,
         }
-        with dask.config.set(no_certs), pytest.raises(InputError, match="cannot connect"):
+        with dask.config.set(no_certs), pytest.raises(ClusterError, match="no client credentials"):
             with open_client(scheduler=address, timeout=2):
                 pass
 
@@ -452,20 +651,28 @@ def test_tls_recipe(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("system", "directive"), [("slurm", "#SBATCH --cpus-per-task=32"), ("pbs", "#PBS -l select=1")]
 )
-def test_hpc_launcher_job_script(system: str, directive: str) -> None:
+def test_hpc_launcher_job_script(system: str, directive: str, tmp_path: Path) -> None:
     pytest.importorskip("dask_jobqueue", reason="dask-jobqueue (test extra) is not installed")
     launcher = REPO / "cluster" / "hpc" / "launch.py"
     command = [sys.executable, str(launcher), "--system", system, "--jobs", "2", "--dry-run"]
-    out = subprocess.run(
-        [*command, "--interface", "lo"], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    script = out.stdout
-    assert directive in script
-    assert "source $HOME/cwtflow-env/bin/activate" in script
-    worker = next(line for line in script.splitlines() if "dask_worker" in line)
-    assert " tcp://127.0.0.1:" in worker  # the scheduler of a dry run stays on loopback
-    assert "--nworkers 32" in worker and "--nthreads 1" in worker
+    shared = tmp_path / "shared"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for extra in ([], ["--interface", "lo"]):
+        out = subprocess.run(
+            [*command, "--shared-temp-directory", str(shared), *extra],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        script = out.stdout
+        assert directive in script
+        assert "source $HOME/cwtflow-env/bin/activate" in script
+        worker = next(line for line in script.splitlines() if "dask_worker" in line)
+        # the scheduler binds to loopback (no interface in the config) or to lo's address,
+        # and speaks TLS with temporary credentials handed to the workers as files
+        assert " tls://127.0.0.1:" in worker
+        assert "--tls-ca-file" in worker and "--tls-key" in worker
+        assert "--nworkers 32" in worker and "--nthreads 1" in worker
+        assert list(shared.iterdir()) == []  # the credentials went with the cluster
 
 
 def test_kubernetes_manifests_fit_together() -> None:

@@ -22,6 +22,9 @@ file system that the login node and every compute node see at the same path.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -29,9 +32,11 @@ from pathlib import Path
 
 import dask
 import yaml
+from distributed.security import Security
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("slurm", "pbs")
+LOOPBACK = "127.0.0.1"
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -69,21 +74,32 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="rerun a failed command this many times, with --resume",
     )
     parser.add_argument(
-        "--tls-temporary",
-        action="store_true",
-        help="encrypt all traffic with a throw-away certificate shared through the "
-        "--shared-temp-directory (see cluster/tls for permanent certificates)",
+        "--tls",
+        choices=("temporary", "config"),
+        default="temporary",
+        help="TLS credentials of the cluster (always on): 'temporary' (default) makes a "
+        "throw-away certificate and key for this cluster in --shared-temp-directory; 'config' "
+        "uses the certificates named in dask's configuration (cluster/tls/dask-tls.yaml)",
     )
     parser.add_argument(
         "--shared-temp-directory",
         type=Path,
         default=Path.home() / ".cwtflow-dask",
-        help="directory every node sees, for --tls-temporary credentials",
+        help="private directory (0700) every node sees, for the temporary TLS credentials",
+    )
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="address the scheduler and its dashboard listen on, e.g. 10.0.0.5 (default: "
+        "the address of --interface, else 127.0.0.1; never all interfaces)",
     )
     parser.add_argument(
         "--interface",
         default=None,
         help="network interface of the scheduler and workers, e.g. ib0 (overrides the config)",
+    )
+    parser.add_argument(
+        "--dashboard-port", type=int, default=8787, help="port of the dashboard on --host"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the worker job script and exit"
@@ -105,23 +121,71 @@ def load_config(path: Path) -> None:
     dask.config.update(dask.config.config, settings, priority="new")
 
 
-def make_cluster(args: argparse.Namespace):
+def scheduler_host(args: argparse.Namespace, system: str) -> str:
+    """The one address the scheduler binds to: --host, else the address of the interface
+    (--interface or the config's), else loopback."""
+    if args.host:
+        return args.host
+    interface = args.interface or dask.config.get(f"jobqueue.{system}.interface", None)
+    if not interface:
+        return LOOPBACK
+    from distributed.utils import get_ip_interface
+
+    try:
+        return get_ip_interface(interface)
+    except ValueError as exc:
+        raise SystemExit(f"launch.py: {exc}") from None
+
+
+def make_security(args: argparse.Namespace) -> tuple[Security, dict[str, str]]:
+    """Security of the cluster and the environment that hands its client credentials to the
+    command run on it (empty for --tls config: the command reads the same configuration)."""
+    if args.tls == "config":
+        if not dask.config.get("distributed.comm.tls.ca-file", None):
+            raise SystemExit(
+                "launch.py: --tls config, but dask's configuration names no certificates "
+                "(distributed.comm.tls.ca-file; see cluster/tls)"
+            )
+        return Security(require_encryption=True), {}
+    from cwtflow.cluster import write_tls_credentials
+
+    folder = args.shared_temp_directory.expanduser() / f"tls-{os.getpid()}"
+    env = write_tls_credentials(folder)
+    (folder / "tls.env").write_text(
+        "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
+    )
+    prefix = "DASK_DISTRIBUTED__COMM__TLS__"
+    security = Security(
+        require_encryption=True,
+        tls_ca_file=env[f"{prefix}CA_FILE"],
+        **{
+            f"tls_{role}_{part}": env[f"{prefix}{role.upper()}__{part.upper()}"]
+            for role in ("scheduler", "worker", "client")
+            for part in ("cert", "key")
+        },
+    )
+    return security, env
+
+
+def make_cluster(args: argparse.Namespace, security: Security):
     from dask_jobqueue import PBSCluster, SLURMCluster
 
     cls = {"slurm": SLURMCluster, "pbs": PBSCluster}[args.system]
     kwargs: dict = {}
     if args.interface is not None:
         kwargs["interface"] = args.interface
-    if args.tls_temporary:
-        from distributed.security import Security
-
-        args.shared_temp_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        kwargs.update(
-            security=Security.temporary(),
-            shared_temp_directory=str(args.shared_temp_directory),
-            protocol="tls://",
-        )
-    return cls(config_name=args.system, **kwargs)
+    host = scheduler_host(args, args.system)
+    options = dict(dask.config.get(f"jobqueue.{args.system}.scheduler-options", None) or {})
+    options.pop("interface", None)
+    options.update(host=host, dashboard_address=f"{host}:{args.dashboard_port}")
+    return cls(
+        config_name=args.system,
+        security=security,
+        protocol="tls://",
+        scheduler_options=options,
+        shared_temp_directory=str(args.shared_temp_directory.expanduser()),
+        **kwargs,
+    )
 
 
 def with_resume(command: list[str]) -> list[str]:
@@ -131,7 +195,8 @@ def with_resume(command: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
     args, command = parse(argv)
     load_config(args.config)
-    cluster = make_cluster(args)
+    security, tls_env = make_security(args)
+    cluster = make_cluster(args, security)
     try:
         if args.dry_run:
             print(cluster.job_script())
@@ -145,25 +210,33 @@ def main(argv: list[str]) -> int:
             print(f"waiting for {expected} worker processes ({args.jobs} jobs)...", flush=True)
             client.wait_for_workers(expected, timeout=args.wait)
             client.write_scheduler_file(str(args.scheduler_file))
+            os.chmod(args.scheduler_file, 0o600)  # cwtflow refuses a file others can write
             print(f"scheduler {client.scheduler.address}", flush=True)
             print(f"dashboard {cluster.dashboard_link}", flush=True)
             print(f"scheduler file {args.scheduler_file}", flush=True)
+            if tls_env:
+                env_file = Path(tls_env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"]).parent
+                print(f"client credentials: source {env_file / 'tls.env'}", flush=True)
             if not command:
                 print("cluster up; Ctrl-C stops it and cancels the jobs", flush=True)
                 while True:
                     time.sleep(3600)
             run = [*command, "--scheduler", str(args.scheduler_file)]
-            code = subprocess.call(run)
+            env = {**os.environ, **tls_env}
+            code = subprocess.call(run, env=env)
             for attempt in range(args.retries):
                 if code == 0:
                     break
                 print(f"command failed ({code}); resuming, retry {attempt + 1}", flush=True)
-                code = subprocess.call(with_resume(run))
+                code = subprocess.call(with_resume(run), env=env)
             return code
     except KeyboardInterrupt:
         return 130
     finally:
         cluster.close()
+        if tls_env:  # the credentials die with the cluster
+            folder = Path(tls_env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"]).parent
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
