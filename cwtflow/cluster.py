@@ -15,12 +15,14 @@ speaks TLS with credentials made for it (`distributed.security.Security.temporar
 a self-signed certificate that exist only in this process and the worker processes it
 starts): a client without them cannot connect. A scheduler file is used only if it belongs to
 the user and nobody else can write it. Connections to external schedulers take their TLS
-credentials from dask's configuration (``distributed.comm.tls``) or from ``security=``.
+credentials from dask's configuration (``distributed.comm.tls``) or from ``security=``. All of
+this lives in `cwtflow.cluster_access`.
 
 Failures. Every failure of the cluster during the ``with`` block of `open_client` (a task that
 killed its workers, a scheduler gone, no worker left for ``no_worker_timeout`` seconds) ends as
 one `ClusterError`; distributed's log tracebacks of connections that broke and were repaired
-(a worker killed and restarted by its nanny) are kept off stderr while the block runs.
+(a worker killed and restarted by its nanny) are kept off stderr while the block runs
+(`cwtflow.cluster_faults`).
 
 `TaskProgress` is a task progress bar for a cluster (dask's local diagnostics show nothing under
 a `Client`, so a scheduler plugin counts tasks instead).
@@ -28,28 +30,34 @@ a `Client`, so a scheduler plugin counts tasks instead).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
-import json
-import logging
 import os
-import re
-import stat
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import IO, Any
 
-import dask
 from distributed import Client, LocalCluster
-from distributed.comm import CommClosedError
-from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 from distributed.utils import format_dashboard_link
 
+from .cluster_access import (
+    check_scheduler_file,
+    connect,
+    local_security,
+    resolve,
+    write_tls_credentials,
+)
+from .cluster_faults import (
+    NO_WORKER_TIMEOUT,
+    NO_WORKER_TIMEOUT_ENV,
+    NoWorkerWatchdog,
+    QuietWorkerLogs,
+    failure_message,
+    quiet_logs,
+)
 from .errors import ClusterError, InputError
 
 __all__ = [
@@ -69,10 +77,6 @@ __all__ = [
 
 #: Interface local clusters bind to unless told otherwise.
 LOOPBACK = "127.0.0.1"
-#: Seconds a run waits with no worker in the cluster before failing with `ClusterError`.
-NO_WORKER_TIMEOUT = 60.0
-#: Environment variable overriding `NO_WORKER_TIMEOUT` (seconds).
-NO_WORKER_TIMEOUT_ENV = "CWTFLOW_NO_WORKER_TIMEOUT"
 #: Environment variable overriding the default connection timeout of `open_client` (seconds).
 CONNECT_TIMEOUT_ENV = "CWTFLOW_CONNECT_TIMEOUT"
 _CONNECT_TIMEOUT = 10.0
@@ -98,67 +102,6 @@ def _seconds(value: Any, env: str, default: float) -> float:
     if not seconds > 0 or seconds == float("inf"):
         raise InputError(f"{source}: a time in seconds must be a positive number, got {value!r}")
     return seconds
-
-
-# --------------------------------------------------------------------------------------------
-# Credentials
-
-
-def _configured_tls() -> bool:
-    """dask's configuration names TLS certificates (e.g. ``cluster/tls/dask-tls.yaml``)."""
-    return bool(dask.config.get("distributed.comm.tls.ca-file", None))
-
-
-def local_security() -> Security:
-    """Security of a cluster started by this process: the TLS certificates of dask's
-    configuration when it names some (``cluster/tls``), else temporary credentials made for
-    this cluster alone (`Security.temporary`); encryption and authentication are required
-    either way."""
-    if _configured_tls():
-        return Security(require_encryption=True)
-    try:
-        return Security.temporary()
-    except ImportError as exc:  # pragma: no cover - cryptography is a dependency of cwtflow
-        raise ClusterError(
-            "TLS credentials for the cluster need the 'cryptography' package (pip install "
-            "cryptography)"
-        ) from exc
-
-
-def write_tls_credentials(directory: str | os.PathLike[str]) -> dict[str, str]:
-    """Write temporary TLS credentials for a cluster of separate processes into ``directory``.
-
-    The directory is created readable by its owner only (``0700``); the self-signed
-    certificate (``cert.pem``) and its key (``key.pem``) are written ``0600``. Returns the dask
-    configuration, as environment variables, that makes a scheduler, its workers and its
-    clients use them (``DASK_DISTRIBUTED__COMM__TLS__...``; `distributed` reads them at
-    import). Whoever can read the key can use the cluster: keep the directory private.
-    """
-    folder = Path(directory).expanduser()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
-    if info.st_uid != os.getuid():
-        raise ClusterError(f"credentials folder {folder} belongs to another user")
-    os.chmod(folder, 0o700)
-    try:
-        temporary = Security.temporary()
-    except ImportError as exc:  # pragma: no cover - cryptography is a dependency of cwtflow
-        raise ClusterError("TLS credentials need the 'cryptography' package") from exc
-    files = {"cert.pem": temporary.tls_ca_file, "key.pem": temporary.tls_client_key}
-    for name, text in files.items():
-        path = folder / name
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
-    prefix = "DASK_DISTRIBUTED__COMM__"
-    env = {f"{prefix}REQUIRE_ENCRYPTION": "True", f"{prefix}TLS__CA_FILE": cert}
-    for role in ("SCHEDULER", "WORKER", "CLIENT"):
-        env[f"{prefix}TLS__{role}__CERT"] = cert
-        env[f"{prefix}TLS__{role}__KEY"] = key
-    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,263 +203,6 @@ def client_summary(client: Client) -> str:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Scheduler files and addresses
-
-_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
-_ADDRESS = re.compile(
-    r"^(?:(?P<scheme>[a-z]+)://)?(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(?P<port>\d+)$"
-)
-
-
-def _check_address(address: Any, where: str) -> str:
-    """A scheduler address ``scheme://host:port``, refused early with one clear message."""
-    if not isinstance(address, str) or not address.strip():
-        raise InputError(f"{where}: scheduler address must be a non-empty string, got {address!r}")
-    match = _ADDRESS.match(address.strip())
-    if match is None or not 0 < int(match["port"]) < 65536:
-        raise InputError(
-            f"{where}: {address!r} is neither a scheduler address (tls://host:port, "
-            "tcp://host:port) nor an existing scheduler file"
-        )
-    scheme = match["scheme"] or dask.config.get("distributed.comm.default-scheme", "tcp")
-    if scheme not in _SCHEMES:
-        raise InputError(f"{where}: unknown protocol {scheme!r} in scheduler address {address!r}")
-    return f"{scheme}://{match['host']}:{match['port']}"
-
-
-def check_scheduler_file(path: str | os.PathLike[str]) -> str:
-    """Address of the scheduler named in a scheduler file the user can trust.
-
-    The file must exist, belong to the user running cwtflow, not be writable by group or
-    others (whoever can write it could point the run at a scheduler of theirs), and hold the
-    JSON that ``dask scheduler --scheduler-file`` writes. The checks apply to the file that is
-    read (its open descriptor), not to whatever the path names a moment later.
-
-    Raises
-    ------
-    InputError
-        Missing, foreign, writable by others, or not a scheduler file.
-    """
-    name = os.fspath(path)
-    try:
-        fd = os.open(os.path.expanduser(name), os.O_RDONLY | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise InputError(f"scheduler file {name!r} is missing (no such file)") from None
-    except OSError as exc:
-        raise InputError(f"cannot read scheduler file {name!r}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"scheduler file {name!r} is not a regular file")
-        if info.st_uid != os.getuid():
-            raise InputError(
-                f"refusing scheduler file {name!r}: it belongs to user id {info.st_uid}, not to "
-                f"you ({os.getuid()}); only a file you own can name your scheduler"
-            )
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise InputError(
-                f"refusing scheduler file {name!r}: group or others can write it (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}); make it private with chmod go-w"
-            )
-        raw = f.read(1 << 20)
-    try:
-        content = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        content = None
-    if not isinstance(content, dict) or "address" not in content:
-        raise InputError(
-            f"scheduler file {name!r} is not a dask scheduler file (JSON with an 'address')"
-        )
-    return _check_address(content["address"], f"scheduler file {name!r}")
-
-
-def _client_security(address: str, security: Security | None) -> Security:
-    security = Security() if security is None else security
-    if address.startswith("tls://") and not (security.tls_ca_file and security.tls_client_cert):
-        raise ClusterError(
-            f"the scheduler at {address} speaks TLS and no client credentials are configured: "
-            "set distributed.comm.tls (ca-file, client cert and key) in dask's configuration "
-            "or environment (e.g. source the tls.env of cluster/local/dask-local.sh)"
-        )
-    return security
-
-
-async def _probe(address: str, security: Security, timeout: float) -> None:
-    """Open and close one connection to ``address`` (TLS handshake included)."""
-    from distributed.comm import connect
-
-    comm = await connect(address, timeout=timeout, **security.get_connection_args("client"))
-    await comm.close()
-
-
-def _connect(address: str, target: str, security: Security | None, timeout: float) -> Client:
-    security = _client_security(address, security)
-    started = time.monotonic()
-    try:
-        # a bare connection first: fails fast and cleanly where a half-built Client would
-        # linger (and complain from its __del__) after refusing to connect
-        with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
-            asyncio.run(asyncio.wait_for(_probe(address, security, timeout), timeout + 1))
-        left = max(timeout - (time.monotonic() - started), 1.0)
-        return Client(address, timeout=left, security=security, set_as_default=False)
-    except (OSError, TimeoutError, ValueError, TypeError, RuntimeError) as exc:
-        # unreachable or refusing scheduler, TLS credentials missing or rejected
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ClusterError(f"cannot connect to {target}: {reason}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Failures: watchdog, error translation, quiet logs
-
-
-class _NoWorkerWatchdog:
-    """Thread failing the client's pending futures once the cluster has had no worker (or no
-    reachable scheduler) for ``timeout`` seconds; `reason` then says why."""
-
-    def __init__(self, client: Client, timeout: float, interval: float | None = None) -> None:
-        self.client = client
-        self.timeout = timeout
-        self.interval = min(1.0, timeout / 4) if interval is None else interval
-        self.reason: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cwtflow-watchdog", daemon=True)
-
-    def __enter__(self) -> _NoWorkerWatchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 1)  # a daemon stuck in a call may stay
-
-    def _workers(self) -> int | None:
-        """Number of workers, ``None`` if the scheduler does not answer."""
-        if self.client.status != "running":
-            return None
-        try:
-            return len(self.client.nthreads())
-        except Exception:
-            return None
-
-    def _run(self) -> None:
-        since = time.monotonic()
-        while not self._stop.wait(self.interval):
-            workers = self._workers()
-            if workers:
-                since = time.monotonic()
-                continue
-            if time.monotonic() - since < self.timeout:
-                continue
-            address = getattr(self.client.scheduler, "address", "?")
-            what = "no worker" if workers == 0 else "no answer from the scheduler"
-            self.reason = (
-                f"the dask cluster at {address} has had {what} for {self.timeout:g} s "
-                f"({NO_WORKER_TIMEOUT_ENV} sets this limit)"
-            )
-            self._fail_pending()
-            return
-
-    def _fail_pending(self) -> None:
-        reason = self.reason
-
-        def cancel() -> None:
-            for state in list(self.client.futures.values()):
-                state.cancel(reason=reason, msg=reason)
-
-        with contextlib.suppress(Exception):
-            self.client.loop.add_callback(cancel)
-
-
-def _failure_message(exc: BaseException, client: Client) -> str | None:
-    """One line saying how the cluster failed, or ``None`` if ``exc`` is not a cluster failure."""
-    from distributed.client import FutureCancelledError
-    from distributed.scheduler import KilledWorker
-
-    address = getattr(client.scheduler, "address", "?")
-    if isinstance(exc, KilledWorker):
-        return (
-            f"task {exc.task!r} was running on {exc.allowed_failures + 1} workers that died "
-            f"(last {exc.last_worker.address}); the cluster at {address} kills it every time "
-            "(out of memory?)"
-        )
-    if isinstance(exc, CommClosedError) or (
-        isinstance(exc, OSError | asyncio.CancelledError | TimeoutError)
-        and client.status != "running"
-    ):
-        return f"lost the dask scheduler at {address} ({type(exc).__name__}: {exc})"
-    if isinstance(exc, FutureCancelledError):
-        return f"tasks were cancelled on the dask cluster at {address}: {exc}"
-    if isinstance(exc, TimeoutError):
-        return f"the dask cluster at {address} did not answer in time: {exc}"
-    return None
-
-
-#: Log records of broken connections that the cluster repairs (a dead worker's peers, its
-#: heartbeats): tracebacks on stderr that say nothing a failed run does not say itself.
-_TRANSIENT = re.compile(
-    r"Worker stream died|during heartbeat|Failed to reconnect|Connection to .* closed|"
-    r"Stream is closed|Nanny .* failed to start|Worker process .* (was killed|exited)|"
-    r"Restarting worker|Failed to communicate|Removing worker .* caused the cluster to lose|"
-    r"Waiting to connect|Unable to connect|Received heartbeat from unregistered|"
-    r"Timed out trying to connect|Lost connection|Close client connection|"
-    r"marked as failed because \d+ workers died"
-)
-
-
-class _QuietFilter(logging.Filter):
-    """Drops distributed's log records of transient connection failures."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, OSError | asyncio.CancelledError):  # CommClosedError is an OSError
-            return False
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True
-        return _TRANSIENT.search(message) is None
-
-
-_FILTER = _QuietFilter()
-
-
-def _quiet_handlers() -> list[logging.Handler]:
-    handlers = []
-    for name in ("distributed", ""):
-        handlers.extend(logging.getLogger(name).handlers)
-    return handlers
-
-
-@contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """Keep `_QuietFilter` on the handlers of distributed's logs while the block runs."""
-    handlers = [h for h in _quiet_handlers() if _FILTER not in h.filters]
-    for handler in handlers:
-        handler.addFilter(_FILTER)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(_FILTER)
-
-
-class _QuietWorkerLogs(WorkerPlugin):
-    """`_QuietFilter` in the worker processes of a local cluster (they share our stderr); the
-    scheduler hands the plugin to workers that a nanny restarts as well."""
-
-    name = "cwtflow-quiet-logs"
-
-    def setup(self, worker: Any) -> None:
-        for handler in _quiet_handlers():
-            if _FILTER not in handler.filters:
-                handler.addFilter(_FILTER)
-
-    def teardown(self, worker: Any) -> None:
-        for handler in _quiet_handlers():
-            handler.removeFilter(_FILTER)
-
-
 def _close_quietly(client: Client, cluster: LocalCluster | None, timeout: float) -> None:
     with contextlib.suppress(Exception):
         client.close(timeout=timeout)
@@ -608,7 +294,7 @@ def open_client(
     timeout = _seconds(timeout, CONNECT_TIMEOUT_ENV, _CONNECT_TIMEOUT)
     no_worker_timeout = _seconds(no_worker_timeout, NO_WORKER_TIMEOUT_ENV, NO_WORKER_TIMEOUT)
     cluster: LocalCluster | None = None
-    with _quiet_logs():
+    with quiet_logs():
         if workers is not None:
             _check_count("workers", workers)
             try:
@@ -630,20 +316,20 @@ def open_client(
                 _close_quietly_cluster(cluster, timeout)
                 raise ClusterError(f"cannot connect to the local dask cluster: {exc}") from None
         else:
-            address, target = _resolve(scheduler, scheduler_file)
-            client = _connect(address, target, security, timeout)
+            address, target = resolve(scheduler, scheduler_file)
+            client = connect(address, target, security, timeout)
         try:
             if cluster is not None:
-                client.register_plugin(_QuietWorkerLogs(), name=_QuietWorkerLogs.name)
+                client.register_plugin(QuietWorkerLogs(), name=QuietWorkerLogs.name)
             if echo is not None:
                 echo(client_summary(client))
-            with _NoWorkerWatchdog(client, no_worker_timeout) as watchdog:
+            with NoWorkerWatchdog(client, no_worker_timeout) as watchdog:
                 try:
                     yield client
                 except Exception as exc:
                     if isinstance(exc, ClusterError | InputError):
                         raise
-                    message = watchdog.reason or _failure_message(exc, client)
+                    message = watchdog.reason or failure_message(exc, client)
                     if message is None:
                         raise
                     raise ClusterError(message) from exc
@@ -662,21 +348,6 @@ def open_client(
 def _close_quietly_cluster(cluster: LocalCluster, timeout: float) -> None:
     with contextlib.suppress(Exception):
         cluster.close(timeout=timeout)
-
-
-def _resolve(
-    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None
-) -> tuple[str, str]:
-    """(address, description) of ``--scheduler`` (address or file) or a scheduler file."""
-    if scheduler is not None and isinstance(scheduler, str) and "://" not in scheduler:
-        if os.path.lexists(os.path.expanduser(scheduler)) or scheduler.endswith(".json"):
-            scheduler, scheduler_file = None, scheduler  # a scheduler file given as the address
-    if scheduler_file is not None:
-        name = os.fspath(scheduler_file)
-        address = check_scheduler_file(name)
-        return address, f"dask scheduler at {address} (scheduler file {name!r})"
-    address = _check_address(scheduler, "--scheduler")
-    return address, f"dask scheduler at {address}"
 
 
 class _TaskCounter(SchedulerPlugin):
