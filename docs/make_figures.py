@@ -59,12 +59,17 @@ def matches(catalog: Table, truth: Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def result_figure(result: xr.Dataset, path: Path) -> None:
-    """Four images of the result in a 2 x 2 grid on sky axes."""
-    fig = plot_images(
-        result, names=["counts", "model", "residual", "support_2d"], ncols=2, panel_width=5.5
+    """Four images of the result in a 2 x 2 grid on sky axes, on a square-root colour scale
+    (faint sources next to bright ones); `plot_images` lays it out and trims the margins."""
+    plot_images(
+        result,
+        path,
+        names=["counts", "model", "residual", "support_2d"],
+        ncols=2,
+        panel_width=5.5,
+        stretch="sqrt",
+        dpi=72,
     )
-    fig.subplots_adjust(wspace=0.35, hspace=0.05)  # room for the colour-bar labels
-    fig.savefig(path, dpi=72, bbox_inches="tight")
 
 
 def catalog_figure(result: xr.Dataset, catalog: Table, truth: Table, path: Path) -> None:
