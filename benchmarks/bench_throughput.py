@@ -1,0 +1,166 @@
+"""Survey throughput: time per iteration of every way to run, all writing the history store.
+
+One simulated map (``--size``, Fermi-like statistics, `loaders.simulated_sky`) is written once to
+a zarr input store; every run reads it from there and writes its history to a zarr store:
+
+- ``memory``: the in-memory engine (the input loaded into numpy first, outside the clock);
+- ``tiled``: tiles of ``--chunks`` on dask's threaded scheduler (``--threads`` threads);
+- ``dist1`` / ``dist2``: tiles on a `LocalCluster` of 1 and 2 single-threaded worker processes
+  (started before the clock);
+- the same with ``--float32`` (``memory32``, ``tiled32``...) when the engine offers it.
+
+Reported per run: the wall time of each iteration after the first (the first also writes the
+inputs and iteration 0), the median over iterations, best over ``--repeats`` interleaved rounds
+(every configuration meets the same machine load), and the ratios against ``memory`` of the
+same round. Targets (issue 10): dist1 <= 1.4 x memory, tiled <= 1.2 x memory, dist2 >= 1.8 x
+faster than dist1.
+
+Run::
+
+    python benchmarks/bench_throughput.py                       # 2048^2, 4 iterations, 3 rounds
+    python benchmarks/bench_throughput.py --size 4096 --repeats 2
+    python benchmarks/bench_throughput.py --modes memory tiled --json /tmp/tp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import itertools
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dask
+import xarray as xr
+from distributed import Client
+from loaders import simulated_sky
+
+from cwtflow import CWT, CWTKernels
+from cwtflow.cluster import start_local_cluster
+
+MODES = ("memory", "tiled", "dist1", "dist2")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=2048, help="map side (pixels)")
+    parser.add_argument("--chunks", type=int, default=512, help="tile side (pixels)")
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best)")
+    parser.add_argument("--threads", type=int, default=1, help="threads of the tiled run")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--float32", action="store_true", help="also run the float32 engine")
+    parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def make_input(size: int, chunks: int, folder: Path) -> Path:
+    """The simulated map as a chunked zarr input store (tiles = zarr chunks)."""
+    path = folder / "input.zarr"
+    data, _ = simulated_sky((size, size), n_sources=size * size // 40_000, seed=1, binsz=0.02)
+    data = data.drop_vars(["lon", "lat"], errors="ignore").chunk({"y": chunks, "x": chunks})
+    data.to_zarr(path, mode="w", consolidated=False)
+    return path
+
+
+def estimator(args: argparse.Namespace, dtype: str | None) -> CWT:
+    options: dict[str, Any] = {"max_iter": args.iterations, "tol": 0.0}
+    if dtype is not None:
+        options["dtype"] = dtype
+    return CWT(CWTKernels(2, 3.0, 1.5), **options)
+
+
+def run_once(args: argparse.Namespace, mode: str, source: Path, store: Path, client: Any):
+    """Seconds per iteration (all iterations) of one run."""
+    dtype = "float32" if mode.endswith("32") else None
+    base = mode.removesuffix("32")
+    data = xr.open_zarr(source, consolidated=False)
+    if base == "memory":
+        data = data.load()
+    shutil.rmtree(store, ignore_errors=True)
+    stamps = [time.perf_counter()]
+    cwt = estimator(args, dtype)
+    kwargs: dict[str, Any] = {
+        "store": store,
+        "callback": lambda _: stamps.append(time.perf_counter()),
+    }
+    if base == "tiled":
+        with dask.config.set(scheduler="threads", num_workers=args.threads):
+            cwt.analyze(data, **kwargs)
+    elif base == "memory":
+        cwt.analyze(data, **kwargs)
+    else:
+        cwt.analyze(data, client=client, **kwargs)
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    modes = list(args.modes)
+    if args.float32:
+        if "dtype" not in inspect.signature(CWT).parameters:
+            print("this cwtflow has no float32 engine; --float32 ignored", file=sys.stderr)
+        else:
+            modes += [f"{m}32" for m in args.modes]
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        folder = Path(tmp)
+        source = make_input(args.size, args.chunks, folder)
+        clusters: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            for mode in {m.removesuffix("32") for m in modes if m.startswith("dist")}:
+                n = int(mode[-1])
+                cluster = stack.enter_context(
+                    start_local_cluster(n, threads_per_worker=1, memory_limit="8GiB")
+                )
+                clusters[mode] = stack.enter_context(Client(cluster, set_as_default=False))
+            results: dict[str, list[list[float]]] = {m: [] for m in modes}
+            for round_ in range(args.repeats):
+                for mode in modes:
+                    client = clusters.get(mode.removesuffix("32"))
+                    times = run_once(args, mode, source, folder / f"{mode}.zarr", client)
+                    results[mode].append(times)
+                    steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
+                    print(
+                        f"round {round_ + 1} {mode:9s} first {times[0]:.2f} s, then "
+                        f"{' '.join(f'{t:.2f}' for t in times[1:])} (median {steady:.2f} s)",
+                        flush=True,
+                    )
+    summary = {}
+    for mode, runs in results.items():
+        steady = [statistics.median(t[1:]) for t in runs if len(t) > 1]
+        summary[mode] = {"best": min(steady), "median": statistics.median(steady)}
+    base = summary.get("memory", {}).get("best")
+    print(f"\n{args.size}^2, tiles {args.chunks}, {args.iterations} iterations, best of rounds:")
+    for mode, figures in summary.items():
+        ratio = f"  {figures['best'] / base:.2f} x memory" if base else ""
+        print(
+            f"  {mode:9s} {figures['best']:.3f} s/iteration (median {figures['median']:.3f}){ratio}"
+        )
+    if "dist1" in summary and "dist2" in summary:
+        print(
+            f"  dist1 / dist2 speed-up: {summary['dist1']['best'] / summary['dist2']['best']:.2f}"
+        )
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"tmp": str(args.tmp), "json": str(args.json)},
+                    "runs": results,
+                    "summary": summary,
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
