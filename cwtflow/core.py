@@ -1,8 +1,10 @@
 """Numeric core of one CWT iteration on one tile: pure numpy/scipy, no xarray, no dask.
 
-Every function here trusts its inputs (float64 arrays of matching shapes); validation lives in
-the public layer (`cwtflow.engine`, `cwtflow.maps`). The same functions serve the whole-map
-path and each dask tile.
+Every function here trusts its inputs (float arrays of matching shapes and one dtype); validation
+lives in the public layer (`cwtflow.engine`, `cwtflow.maps`). The same functions serve the
+whole-map path and each dask tile. Arrays are float64 (the exact path) or float32 (the fast
+engine, ``CWT(dtype="float32")``): every step keeps the dtype of its inputs, and the kernel
+spectra are cast to it; only the convergence moments accumulate in float64.
 
 Convolutions are FFT products on a grid of shape ``fft_shape`` with every kernel centred on the
 grid origin, i.e. circular convolutions. An axis behaves like "same"-size linear convolution with
@@ -95,15 +97,22 @@ def _centred(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def kernel_spectra(kernels: CWTKernels, shape: tuple[int, int]) -> KernelSpectra:
-    """Spectra of every kernel (and squared wavelet) on an FFT grid of ``shape``; cached."""
+def kernel_spectra(
+    kernels: CWTKernels, shape: tuple[int, int], dtype: str = "float64"
+) -> KernelSpectra:
+    """Spectra of every kernel (and squared wavelet) on an FFT grid of ``shape``; cached.
+
+    Computed in float64 and cast to the complex type of ``dtype`` (the images' dtype).
+    """
     rfft = scipy.fft.rfft2
+    complex_type = np.result_type(np.dtype(dtype), np.complex64)
     wavelet = np.stack([rfft(_centred(k, shape)) for k in kernels.wavelets])
     wavelet_sq = np.stack([rfft(_centred(k * k, shape)) for k in kernels.wavelets])
     approx = rfft(_centred(kernels.approx, shape))
-    for array in (wavelet, wavelet_sq, approx):
+    arrays = [a.astype(complex_type, copy=False) for a in (wavelet, wavelet_sq, approx)]
+    for array in arrays:
         array.setflags(write=False)
-    return KernelSpectra(shape, wavelet, wavelet_sq, approx)
+    return KernelSpectra(shape, *arrays)
 
 
 def _forward(padded: np.ndarray, workers: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -122,7 +131,7 @@ def _forward(padded: np.ndarray, workers: int, out: np.ndarray | None = None) ->
 
 def _padded(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A (k, P0, P1) zero buffer holding the (k, ny, nx) ``images`` in its first rows/columns."""
-    out = np.zeros((images.shape[0], *shape))
+    out = np.zeros((images.shape[0], *shape), dtype=images.dtype)
     out[:, : images.shape[1], : images.shape[2]] = images
     return out
 
@@ -138,7 +147,8 @@ def _inverse(
     ny, nx = out_shape
     if workers == 1:
         columns = np.fft.ifft(spectra, axis=-2, out=spectra)
-        planes = np.empty((*spectra.shape[:-2], ny, shape[1]))
+        real = np.empty(0, dtype=spectra.dtype).real.dtype
+        planes = np.empty((*spectra.shape[:-2], ny, shape[1]), dtype=real)
         np.fft.irfft(columns[..., :ny, :], n=shape[1], axis=-1, out=planes)
     else:
         columns = scipy.fft.ifft(spectra, axis=-2, overwrite_x=True, workers=workers)
@@ -192,7 +202,7 @@ def convolve_step(
     n_scale = spectra.wavelet.shape[0]
     # total = M + B + A and C - M - B (and C - total), written straight into the zero-padded
     # stack to transform
-    padded = np.zeros((2 if const_spectra is not None else 3, *shape))
+    padded = np.zeros((2 if const_spectra is not None else 3, *shape), dtype=counts.dtype)
     for r in _row_blocks(ny, nx):
         total, cmb = padded[0, r, :nx], padded[1, r, :nx]
         np.add(model[r], background[r], out=total)
@@ -204,7 +214,7 @@ def convolve_step(
     # Spectra land in the product planes they are last used in: the total in the last error
     # plane, C - M - B in the approximation plane, the excess in the first transform plane.
     n = n_scale
-    products = np.empty((2 * n + 1, shape[0], shape[1] // 2 + 1), dtype=np.complex128)
+    products = np.empty((2 * n + 1, shape[0], shape[1] // 2 + 1), dtype=spectra.wavelet.dtype)
     f_total, f_cmb, f_excess = products[2 * n - 1], products[2 * n], products[0]
     _forward(padded[:2], workers, out=products[2 * n - 1 :])
     if const_spectra is None:

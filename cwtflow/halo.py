@@ -145,6 +145,7 @@ def overlapped_tiles(
     *,
     planes: int | None,
     block_id: bool = False,
+    result_dtype: Any = np.float64,
     **kwargs: Any,
 ) -> da.Array:
     """``func(*tiles, **kwargs)`` per block of ``images`` (same chunks), each tile with its halo.
@@ -153,7 +154,7 @@ def overlapped_tiles(
     itself: no tile-sized intermediate waits in memory between tasks, and dask's ordering sees
     one task per tile consuming the inputs. ``func`` returns a (``planes``, ty, tx) array (or
     (ty, tx) with ``planes=None``) of the tile interiors; with ``block_id`` it also receives
-    ``block_id=(0, i, j)`` (or ``(i, j)``).
+    ``block_id=(0, i, j)`` (or ``(i, j)``); its result has ``result_dtype``.
     """
     graphs = [halo_graph(image, depth, periodic_x) for image in images]
     dsk: dict[Any, Any] = {}
@@ -176,4 +177,4 @@ def overlapped_tiles(
         chunks, meta = first.chunks, np.empty((0, 0))
     else:
         chunks, meta = ((planes,), *first.chunks), np.empty((0, 0, 0))
-    return da.Array(graph, name, chunks, dtype=np.float64, meta=meta)
+    return da.Array(graph, name, chunks, dtype=result_dtype, meta=meta.astype(result_dtype))

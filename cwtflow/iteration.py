@@ -51,6 +51,8 @@ class Settings:
     keep_history: bool = False
     wrap_lon: bool | None = None
     fft_workers: int = 1
+    #: "float64" (the exact path) or "float32" (half the memory and bytes, faster FFTs)
+    dtype: str = "float64"
 
     def parameters(self) -> dict[str, Any]:
         """All settings that determine the numbers, JSON-ready (kernels included); the
@@ -64,6 +66,7 @@ class Settings:
             "remove_isolated": self.cleaning.remove_isolated,
             "keep_history": self.keep_history,
             "wrap_lon": self.wrap_lon,
+            "dtype": self.dtype,
         }
 
 

@@ -96,19 +96,21 @@ def new_state(template: xr.Dataset, arrays: Mapping[str, Any], kernels: CWTKerne
     return xr.Dataset(data_vars, coords=coords, attrs=dict(template.attrs))
 
 
-def initial_state(data: xr.Dataset, kernels: CWTKernels) -> xr.Dataset:
+def initial_state(data: xr.Dataset, kernels: CWTKernels, *, dtype: str | None = None) -> xr.Dataset:
     """The state before the first iteration: inputs, everything else zero / False.
 
-    Works for numpy- and dask-backed inputs alike (zeros follow the input's array type).
+    Works for numpy- and dask-backed inputs alike (zeros follow the input's array type);
+    the zero planes have ``dtype`` (default: the counts' dtype), the inputs stay as given.
     """
     counts = data["counts"].data
+    dtype = counts.dtype if dtype is None else np.dtype(dtype)
     if isinstance(counts, np.ndarray):
-        zeros2 = np.zeros_like(counts)
-        zeros3 = np.zeros((kernels.n_scale, *counts.shape), dtype=counts.dtype)
+        zeros2 = np.zeros(counts.shape, dtype=dtype)
+        zeros3 = np.zeros((kernels.n_scale, *counts.shape), dtype=dtype)
     else:
         import dask.array as da
 
-        zeros2 = da.zeros_like(counts)
+        zeros2 = da.zeros_like(counts, dtype=dtype)
         zeros3 = da.stack([zeros2] * kernels.n_scale)
     arrays = {
         "counts": counts,

@@ -427,7 +427,10 @@ class ZarrSink:
             if k not in complete or (complete and k > complete[-1]):
                 delete_group(path, group_name(k))
         if not complete:
-            self._write_group(0, initial_state(self._inputs_ds(), self.settings.kernels))
+            initial = initial_state(
+                self._inputs_ds(), self.settings.kernels, dtype=self.settings.dtype
+            )
+            self._write_group(0, initial)
             self._mark(0, {"iteration": 0, "table": []})
             complete = [0]
         last = complete[-1]

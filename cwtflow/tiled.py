@@ -85,6 +85,7 @@ def _tile_iteration(
     grid: tuple[int, int],
     offsets: tuple[int, int],
     wrap_pad: int,
+    dtype: str = "float64",
     cleaning: Cleaning | None = None,
     ring: tuple[bool, bool] = (False, False),
     n_blocks: tuple[int, int] = (1, 1),
@@ -100,15 +101,18 @@ def _tile_iteration(
     pixels (a halo or a periodic pad); ring pixels beyond a non-periodic map edge are never set.
     """
     kernels = _kernels(*kernels)
+    counts, background, model, approx = (
+        a.astype(dtype, copy=False) for a in (counts, background, model, approx)
+    )
     if wrap_pad:
         counts, background, model, approx = (
             _wrap_pad(a, wrap_pad) for a in (counts, background, model, approx)
         )
-    spectra = core.kernel_spectra(kernels, grid)
+    spectra = core.kernel_spectra(kernels, grid, dtype)
     transform, error_sq, new_approx = core.convolve_step(counts, background, model, approx, spectra)
     inside = (slice(None), *_interior(counts, offsets))
     n = kernels.n_scale
-    out = np.empty((3 * n + 1, *transform[inside].shape[-2:]))
+    out = np.empty((3 * n + 1, *transform[inside].shape[-2:]), dtype=dtype)
     out[:n] = transform[inside]
     if cleaning is None:
         error, sig = core.significance(transform[inside], error_sq[inside])
@@ -181,12 +185,14 @@ def _tile_approx(
     grid: tuple[int, int],
     offsets: tuple[int, int],
     wrap_pad: int,
+    dtype: str = "float64",
 ) -> np.ndarray:
     """``conv(B, G)`` on the interior of one tile."""
     kernels = _kernels(*kernels)
+    background = background.astype(dtype, copy=False)
     if wrap_pad:
         background = _wrap_pad(background, wrap_pad)
-    out = core.convolve_approx(background, core.kernel_spectra(kernels, grid))
+    out = core.convolve_approx(background, core.kernel_spectra(kernels, grid, dtype))
     return np.array(out[_interior(background, offsets)])
 
 
@@ -228,6 +234,7 @@ class TiledStep:
     def __init__(self, settings: Settings, data: xr.Dataset, wrap: bool) -> None:
         self.kernels = settings.kernels
         self.cleaning = settings.cleaning
+        self.dtype = np.dtype(settings.dtype)
         self.wrap = bool(wrap)
         source = next(
             (data[n].data for n in ("counts", "background") if isinstance(data[n].data, da.Array)),
@@ -267,6 +274,7 @@ class TiledStep:
             "grid": grid,
             "offsets": offsets,
             "wrap_pad": wrap_pad,
+            "dtype": self.dtype.name,
         }
         self._clean_kwargs: dict[str, Any] = {}
         if self.local_clean:
@@ -293,6 +301,7 @@ class TiledStep:
             (self.depth[0], self.depth[1]),
             self.wrap,
             planes=planes,
+            result_dtype=self.dtype,
             **self._tile_kwargs,
             **kwargs,
         )
@@ -337,8 +346,8 @@ class TiledStep:
             support,
             transform,
             chunks=((2,), *self.work_chunks),
-            dtype=np.float64,
-            meta=np.empty((0, 0, 0)),
+            dtype=self.dtype,
+            meta=np.empty((0, 0, 0), dtype=self.dtype),
         )
         transform_2d, new_model = updated[0], updated[1]
         moments = da.blockwise(

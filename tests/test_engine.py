@@ -348,3 +348,34 @@ def test_tutorial_run_matches_brute_force(survey_cutout):
     assert expected.state["support"].any()
     assert_run_matches(result, cwt, expected)
     assert result.attrs["iterations"] == 10 and not result.attrs["converged"]
+
+
+# --- float32 engine --------------------------------------------------------------------------
+
+
+def test_float32_engine_is_close_to_float64_in_memory_tiled_and_stored(tmp_path) -> None:
+    data, _ = cwtflow.simulate_sky((96, 160), seed=5)
+    kernels = CWTKernels(2, 2.0, 1.5)
+    exact = CWT(kernels, max_iter=3, tol=0).analyze(data)
+    fast = CWT(kernels, max_iter=3, tol=0, dtype="float32").analyze(data)
+    tiled = CWT(kernels, max_iter=3, tol=0, dtype="float32").analyze(
+        data, chunks=48, store=tmp_path / "run.zarr"
+    )
+    assert fast["model"].dtype == np.float32 and fast["transform_3d"].dtype == np.float32
+    assert tiled["model"].dtype == np.float32
+    assert fast.attrs["parameters"]["dtype"] == "float32"
+    scale = float(abs(exact["model"]).max())
+    for state in (fast, tiled):
+        diff = abs(state["model"].values.astype(np.float64) - exact["model"].values).max()
+        assert diff <= 1e-5 * scale
+        flipped = int((state["support"].values != exact["support"].values).sum())
+        assert flipped <= 1e-3 * exact["support"].size
+    np.testing.assert_allclose(
+        fast.attrs["residual_variance"], exact.attrs["residual_variance"], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int32", "complex64", None])
+def test_dtype_must_be_float64_or_float32(dtype) -> None:
+    with pytest.raises(InputError, match="dtype must be"):
+        CWT(CWTKernels(1, 1.0, 1.5), dtype=dtype)
