@@ -28,10 +28,11 @@ from .survey_merge import allsky_image, plot_allsky, survey_catalog
 from .survey_patch import PatchJob, SurveySettings, run_patch
 from .survey_store import create_survey_store, file_provenance
 
-__all__ = ["Survey", "SurveyResult", "default_kernels", "run_survey"]
+__all__ = ["Survey", "SurveyResult", "angle_deg", "default_kernels", "run_survey"]
 
 
-def _degrees(value: Any, name: str) -> float:
+def angle_deg(value: Any, name: str) -> float:
+    """An angle in degrees from a number (deg), a Quantity or a string such as ``"0.1deg"``."""
     try:
         deg = (
             u.Quantity(value, u.deg).to_value(u.deg)
@@ -131,8 +132,8 @@ class Survey:
         contrast: float = 0.2,
         **cwt: Any,
     ) -> None:
-        self.binsz = _degrees(binsz, "binsz")
-        self.psf_sigma = _degrees(psf_sigma, "psf_sigma")
+        self.binsz = angle_deg(binsz, "binsz")
+        self.psf_sigma = angle_deg(psf_sigma, "psf_sigma")
         self.kernels = kernels or default_kernels(
             self.psf_sigma, self.binsz, n_scale=n_scale, step_scale=step_scale
         )
@@ -145,7 +146,7 @@ class Survey:
         }
         default_merge = max(2 * self.psf_sigma, 2 * self.binsz)
         self.merge_distance = (
-            default_merge if merge_distance is None else _degrees(merge_distance, "merge_distance")
+            default_merge if merge_distance is None else angle_deg(merge_distance, "merge_distance")
         )
         margin = self.kernels.halo + math.ceil(self.merge_distance / self.binsz) + 2
         if nside is None:
@@ -256,10 +257,11 @@ class Survey:
                 client.submit(run_patch, job, key=f"cwtflow-patch-{job.patch.name}-{token}")
                 for job in jobs
             ]
-            for future in as_completed(futures):
-                rows.append(future.result())
-                if callback is not None:
-                    callback(rows[-1])
+            with client.as_current():
+                for future in as_completed(futures):
+                    rows.append(future.result())
+                    if callback is not None:
+                        callback(rows[-1])
         rows.sort(key=lambda row: row["patch"])
         columns = (
             "patch",

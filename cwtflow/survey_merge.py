@@ -117,7 +117,7 @@ def survey_catalog(
         {
             "MERGEDIS": distance,
             "NPATCH": partition.npatch,
-            "INCOMPLETE": partition.npatch - len(done),
+            "NINCOMPL": partition.npatch - len(done),
             "FRAME": partition.frame,
             "PIXSIZE": partition.binsz,
         }

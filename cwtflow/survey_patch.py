@@ -12,6 +12,7 @@ import dataclasses
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def _estimator(settings: SurveySettings) -> CWT:
 def patch_catalog(result: xr.Dataset, patch: Patch, settings: SurveySettings) -> Table:
     """`find_sources` of the patch with its survey columns ``patch``, ``glon``/``glat`` and
     ``ra``/``dec`` (`run_patch` adds ``owner``, the core of the position)."""
-    table = find_sources(result, psf_sigma=settings.psf_sigma * u.deg, **settings.catalog)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no sources found" in an empty patch
+        table = find_sources(result, psf_sigma=settings.psf_sigma * u.deg, **settings.catalog)
     coords = SkyCoord(
         np.asarray(table["lon"], dtype=np.float64) * u.deg,
         np.asarray(table["lat"], dtype=np.float64) * u.deg,
