@@ -24,6 +24,7 @@ from cwtflow.survey_patch import PatchJob, patch_inputs, patch_store, run_patch
 from cwtflow.survey_sim import simulate_allsky, write_healpix_map
 from cwtflow.survey_store import create_survey_store
 
+CLI = "from cwtflow.cli import main; main()"
 SOURCES = Table({"glon": [0.0, 359.7, 45.0], "glat": [90.0, 10.0, 0.0], "counts": [400.0] * 3})
 
 
@@ -211,7 +212,7 @@ def test_bad_inputs_write_nothing(sky: dict, tmp_path: Path) -> None:
 def test_cli_bad_input_one_line(sky: dict, tmp_path: Path) -> None:
     out = tmp_path / "sky.zarr"
     proc = subprocess.run(
-        [sys.executable, "-c", "from cwtflow.cli import main; main()", "survey", str(sky["background"]), "--background",
+        [sys.executable, "-c", CLI, "survey", str(sky["background"]), "--background",
          str(sky["background"]), "--psf", "1.5deg", "--binsz", "1deg", "--nside", "1",
          "--max-distortion", "0.3", "--emin", "1000", "--out", str(out)],
         capture_output=True, text=True,
