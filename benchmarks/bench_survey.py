@@ -58,7 +58,6 @@ def main() -> None:
         nside=256,
         seed=2,
     )
-    n_events = sum(1 for _ in [0])  # placeholder for the count below
     from astropy.io import fits
 
     with fits.open(sim["events"]) as hdul:
@@ -104,7 +103,8 @@ def main() -> None:
         )
         its = [r["iterations"] for r in rows]
         print(
-            f"  iterations per patch: mean {np.mean(its):.1f}, sources {sum(r['sources'] for r in rows)}"
+            f"  iterations per patch: mean {np.mean(its):.1f}, "
+            f"sources {sum(r['sources'] for r in rows)}"
         )
 
 
