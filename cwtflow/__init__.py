@@ -20,6 +20,7 @@ from .kernels import CWTKernels
 from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
 from .simulate import simulate_sky
 from .store_catalog import read_store_catalog, write_store_catalog
+from .survey import Survey, SurveyResult, run_survey
 from .version import __version__
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "InputError",
     "IterationInfo",
     "StoreError",
+    "Survey",
+    "SurveyResult",
     "__version__",
     "cube_metrics",
     "cubes",
@@ -48,6 +51,7 @@ __all__ = [
     "read_result",
     "read_state",
     "read_store_catalog",
+    "run_survey",
     "simulate_sky",
     "state_metrics",
     "validate_maps",

@@ -396,6 +396,19 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     if regions is not None:
         check_output(regions, overwrite=overwrite, hint="--overwrite")
     psf = options.pop("psf_sigma")
+    from .survey_store import is_survey_store
+
+    if is_survey_store(result):
+        from .survey_merge import survey_catalog
+
+        table = survey_catalog(result, min_significance=options["min_significance"])
+        write_catalog(table, out, overwrite=overwrite)
+        missing = table.meta.get("NINCOMPL", 0)
+        click.echo(f"wrote {out} ({len(table)} sources, {missing} patches incomplete)")
+        if regions is not None:
+            write_regions(table, regions, overwrite=overwrite)
+            click.echo(f"wrote {regions}")
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         table, in_store = catalog_of_result(
@@ -415,6 +428,12 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     if regions is not None:
         write_regions(table, regions, overwrite=overwrite)
         click.echo(f"wrote {regions}")
+
+
+# Full-sky surveys: the command lives in cli_survey (its options are many)
+from .cli_survey import survey  # noqa: E402
+
+cli.add_command(survey)
 
 
 def main(argv: list[str] | None = None) -> None:
