@@ -1,7 +1,8 @@
 """Figures of a state's images on sky axes (matplotlib WCSAxes), without pyplot.
 
 Figures are built with `matplotlib.figure.Figure` directly, so nothing touches the global
-pyplot state or needs a display; saving renders with the Agg (PNG) backend.
+pyplot state or needs a display; saving renders with the Agg backend in the format the file's
+suffix names (`plot_format`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import xarray as xr
 from astropy.visualization.wcsaxes import conf as wcsaxes_conf
@@ -18,18 +20,38 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .analysis import images
-from .errors import InputError
+from .checks import integer, number
+from .errors import InputError, ParameterError
 from .io import atomic_output
 from .maps import wcs_from_attrs
 from .state import STATE_VARS
 
-__all__ = ["plot_images"]
+__all__ = ["plot_format", "plot_images"]
 
 _AXIS_LABELS = {
     "GLON": ("Galactic longitude", "Galactic latitude"),
     "ELON": ("Ecliptic longitude", "Ecliptic latitude"),
     "RA": ("Right ascension", "Declination"),
 }
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The matplotlib format a figure saved to ``path`` is written in: its suffix, lower case.
+
+    Every format matplotlib's Agg canvas saves (``Figure().canvas.get_supported_filetypes()``:
+    png, pdf, svg, jpg, tif, eps, ...) except ``pgf`` (it needs a LaTeX installation); any
+    other suffix, or none, raises `ParameterError` (so a run can refuse it before any work).
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise ParameterError(f"plot path must be a file name, got {type(path).__name__}")
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = sorted(set(FigureCanvasAgg(Figure()).get_supported_filetypes()) - {"pgf"})
+    if suffix not in formats:
+        raise ParameterError(
+            f"cannot tell the image format of {Path(path).name!r}: its suffix must be one of "
+            + ", ".join(f".{f}" for f in formats)
+        )
+    return suffix
 
 
 def _available(data: xr.Dataset) -> xr.Dataset:
@@ -59,7 +81,8 @@ def plot_images(
         included) or any Dataset of (y, x) images with the WCS in ``attrs["wcs"]`` (e.g. input
         maps).
     path : path-like, optional
-        Save the figure there as PNG (atomically, replacing an existing file).
+        Save the figure there (atomically, replacing an existing file) in the format its
+        suffix names (`plot_format`: .png, .pdf, .svg, ...).
     names : sequence of str, optional
         Images to show, in this order; default: all available images.
     ncols : int, optional
@@ -70,7 +93,7 @@ def plot_images(
     cmap : str
         Matplotlib colour map.
     dpi : int
-        Resolution of the saved PNG.
+        Resolution of the saved image (1 to 1000 dots per inch).
 
     Returns
     -------
@@ -81,11 +104,19 @@ def plot_images(
     ------
     InputError
         Unknown image name, no WCS, or bad layout values.
+    ParameterError
+        A path whose suffix names no image format, an unknown colour map, a bad ``dpi``.
     StoreError
         ``path`` cannot be written.
     """
     if not isinstance(state, xr.Dataset):
         raise InputError(f"expected an xarray.Dataset, got {type(state).__name__}")
+    fmt = None if path is None else plot_format(path)
+    dpi = integer("dpi", dpi, low=1, high=1000)
+    if not isinstance(cmap, str) or cmap not in matplotlib.colormaps:
+        raise ParameterError(f"unknown colour map {cmap!r}")
+    if isinstance(names, str):
+        names = [names]
     wcs = wcs_from_attrs(state.attrs)
     available = _available(state)
     names = list(available.data_vars) if names is None else list(names)
@@ -100,13 +131,10 @@ def plot_images(
     ny, nx = available.sizes["y"], available.sizes["x"]
     if ncols is None:
         ncols = 1 if nx > 4 * ny else 2
-    if isinstance(ncols, bool) or int(ncols) != ncols or ncols < 1:
-        raise InputError(f"ncols must be a positive integer, got {ncols!r}")
-    ncols = min(int(ncols), len(names))
+    ncols = min(integer("ncols", ncols, low=1), len(names))
     if panel_width is None:
         panel_width = min(16.0, max(5.0, 1.25 * nx / ny))
-    if not (np.isfinite(panel_width) and panel_width > 0):
-        raise InputError(f"panel_width must be a positive number, got {panel_width!r}")
+    panel_width = number("panel_width", panel_width, low=0.0, low_open=True, high=100.0)
     nrows = math.ceil(len(names) / ncols)
     panel_height = panel_width * ny / nx + 1.2
     fig = Figure(figsize=(ncols * panel_width, nrows * panel_height))
@@ -132,5 +160,5 @@ def plot_images(
             wcsaxes_conf.set_temp("frame_boundary_samples", 200),
             atomic_output(target, overwrite=True) as tmp,
         ):
-            fig.savefig(tmp, format="png", dpi=dpi)
+            fig.savefig(tmp, format=fmt, dpi=dpi)
     return fig
