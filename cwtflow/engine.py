@@ -225,11 +225,9 @@ class CWT:
                 callback=callback,
             )
         data = validate_maps(data)
-        if chunks is not None:
-            data = data.chunk(chunks)
+        tiles = _tiles(data, chunks)  # counted before chunking: 1e6 chunks take a while
         settings = self.settings
         wrap = self.wraps(data)
-        tiles = _tiles(data)
         check_resources(
             self.kernels,
             (data.sizes["y"], data.sizes["x"]),
@@ -237,6 +235,8 @@ class CWT:
             in_memory_state=store is None or tiles is None,
             local=dask.config.get("scheduler", None) != "dask.distributed",
         )
+        if chunks is not None:
+            data = data.chunk(chunks)
         step: Step
         if _is_lazy(data):
             step = TiledStep(settings, data, wrap)
@@ -324,12 +324,17 @@ def _chunk_spec(chunks: Any) -> dict[str, int]:
     return {dim: integer(f"chunk size along {dim}", size, low=1) for dim, size in spec.items()}
 
 
-def _tiles(data: xr.Dataset) -> tuple[int, int, int] | None:
-    """(number of tiles, largest tile's ny, nx) of a dask-backed ``data``; None in memory."""
+def _tiles(data: xr.Dataset, spec: dict[str, int] | None) -> tuple[int, int, int] | None:
+    """(number of tiles, largest tile's ny, nx) of ``data`` cut by ``spec`` (`_chunk_spec`),
+    or of a dask-backed ``data`` as it is chunked; None for an in-memory run."""
+    ny, nx = data.sizes["y"], data.sizes["x"]
+    if spec is not None:
+        cy, cx = min(spec.get("y", ny), ny), min(spec.get("x", nx), nx)
+        return math.ceil(ny / cy) * math.ceil(nx / cx), cy, cx
     chunks = data.chunks if _is_lazy(data) else None
     if not chunks:
         return None
-    ys, xs = chunks.get("y", (data.sizes["y"],)), chunks.get("x", (data.sizes["x"],))
+    ys, xs = chunks.get("y", (ny,)), chunks.get("x", (nx,))
     return len(ys) * len(xs), max(ys), max(xs)
 
 

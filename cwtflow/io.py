@@ -261,7 +261,9 @@ def read_maps(
         if key is not None and (isinstance(key, bool) or not isinstance(key, str | int)):
             raise ParameterError(f"HDU keys must be names or indices, got {key!r}")
     try:
-        return _read_maps(path, counts_hdu, background_hdu, exposure_hdu, check_values)
+        with warnings.catch_warnings():  # a truncated file fails below, with one message
+            warnings.filterwarnings("ignore", "File may have been truncated")
+            return _read_maps(path, counts_hdu, background_hdu, exposure_hdu, check_values)
     except _READ_ERRORS as exc:  # a damaged file, found while reading it lazily
         raise InputError(f"cannot read {path} as FITS: {exc}") from None
 
@@ -507,7 +509,9 @@ def read_state(path: PathLike) -> xr.Dataset:
     """
     path = _existing_file(path, StoreError)
     try:
-        return _read_state(path)
+        with warnings.catch_warnings():  # a truncated file fails below, with one message
+            warnings.filterwarnings("ignore", "File may have been truncated")
+            return _read_state(path)
     except _READ_ERRORS as exc:  # a damaged file, found while reading it lazily
         raise StoreError(f"cannot read {path} as FITS: {exc}") from None
 
