@@ -12,7 +12,15 @@ from .analysis import (
 from .catalog import find_sources
 from .catalog_files import read_catalog, write_catalog, write_regions
 from .engine import CWT
-from .errors import CWTFlowError, InputError, StoreError
+from .errors import (
+    ClusterError,
+    CWTFlowError,
+    InputError,
+    NotFoundError,
+    ParameterError,
+    ResourceError,
+    StoreError,
+)
 from .history import History, open_history, read_result
 from .io import read_maps, read_state, write_maps, write_state
 from .iteration import IterationInfo
@@ -27,9 +35,13 @@ __all__ = [
     "CWT",
     "CWTFlowError",
     "CWTKernels",
+    "ClusterError",
     "History",
     "InputError",
     "IterationInfo",
+    "NotFoundError",
+    "ParameterError",
+    "ResourceError",
     "StoreError",
     "Survey",
     "SurveyResult",

@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 from astropy.table import Table
 
+from .errors import InputError, NotFoundError, ParameterError
 from .state import CUBES, IMAGES, STATE_VARS, variable_attrs
 
 __all__ = [
@@ -26,8 +27,26 @@ __all__ = [
 METRIC_COLUMNS = ("Name", "Shape", "Variance", "Mean", "Max value", "Min value", "Sum values")
 
 
+def _check_state(state: xr.Dataset, what: str = "state") -> xr.Dataset:
+    """A Dataset holding every state variable, or an `InputError` naming what is missing."""
+    if not isinstance(state, xr.Dataset):
+        raise InputError(f"expected a CWT {what} (xarray.Dataset), got {type(state).__name__}")
+    missing = [name for name in STATE_VARS if name not in state]
+    if missing:
+        raise InputError(f"{what} is not a CWT state: missing {', '.join(missing)}")
+    return state
+
+
+def _check_name(name: object, known: tuple[str, ...], kind: str) -> None:
+    if not isinstance(name, str):
+        raise ParameterError(f"{kind} name must be a string, got {name!r}")
+    if name not in known:
+        raise NotFoundError(f"{name!r} is not a known {kind}; {kind}s are {', '.join(known)}")
+
+
 def derived_images(state: xr.Dataset) -> xr.Dataset:
     """residual, model_plus_approx, support_2d and maximal of ``state`` (spec definitions)."""
+    _check_state(state)
     model_plus_approx = state["model"] + state["approx"]
     support_2d = state["support"].any("scale")
     out = {
@@ -41,6 +60,7 @@ def derived_images(state: xr.Dataset) -> xr.Dataset:
 
 def images(state: xr.Dataset) -> xr.Dataset:
     """The ten 2-D images in the reference's order (stored and derived)."""
+    _check_state(state)
     derived = derived_images(state)
     merged = {name: state[name] if name in state else derived[name] for name in IMAGES}
     return xr.Dataset(merged, attrs=dict(state.attrs))
@@ -48,6 +68,7 @@ def images(state: xr.Dataset) -> xr.Dataset:
 
 def cubes(state: xr.Dataset) -> xr.Dataset:
     """The three (scale, y, x) cubes: transform_3d, error, support."""
+    _check_state(state)
     return state[list(CUBES)]
 
 
@@ -70,16 +91,20 @@ def _table(rows: list[tuple]) -> Table:
 
 
 def image_metrics(state: xr.Dataset, name: str) -> Table:
-    """Variance (population), mean, max, min and sum of one 2-D image, as a one-row table."""
-    if name not in IMAGES:
-        raise KeyError(f"{name!r} is not an image; images are {', '.join(IMAGES)}")
+    """Variance (population), mean, max, min and sum of one 2-D image, as a one-row table.
+
+    An unknown ``name`` raises `NotFoundError` (a `KeyError`)."""
+    _check_name(name, IMAGES, "image")
+    _check_state(state)
     return _table([_metric_row(name, "2D image", images(state)[name])])
 
 
 def cube_metrics(state: xr.Dataset, name: str, *, per_scale: bool = False) -> Table:
-    """Metrics of one cube: the whole cube in one row, or one row per scale (``per_scale``)."""
-    if name not in CUBES:
-        raise KeyError(f"{name!r} is not a cube; cubes are {', '.join(CUBES)}")
+    """Metrics of one cube: the whole cube in one row, or one row per scale (``per_scale``).
+
+    An unknown ``name`` raises `NotFoundError` (a `KeyError`)."""
+    _check_name(name, CUBES, "cube")
+    _check_state(state)
     cube = state[name]
     if not per_scale:
         return _table([_metric_row(name, "3D cube", cube)])
@@ -92,6 +117,7 @@ def cube_metrics(state: xr.Dataset, name: str, *, per_scale: bool = False) -> Ta
 
 def state_metrics(state: xr.Dataset) -> Table:
     """Metrics of every image and every cube (whole) of the state, one row each."""
+    _check_state(state)
     imgs = images(state)
     rows = [_metric_row(name, "2D image", imgs[name]) for name in IMAGES]
     rows += [_metric_row(name, "3D cube", state[name]) for name in CUBES]
@@ -100,7 +126,16 @@ def state_metrics(state: xr.Dataset) -> Table:
 
 def difference(later: xr.Dataset, earlier: xr.Dataset) -> xr.Dataset:
     """``later - earlier``: numeric fields subtract, support is XOR, counts and background come
-    from ``later`` (the first operand). The result is a state-like Dataset."""
+    from ``later`` (the first operand). The result is a state-like Dataset.
+
+    Both must be states of one map (same sizes), else `InputError`."""
+    _check_state(later, "later state")
+    _check_state(earlier, "earlier state")
+    if dict(later.sizes) != dict(earlier.sizes):
+        raise InputError(
+            f"states of different shapes cannot be subtracted: {dict(later.sizes)} vs "
+            f"{dict(earlier.sizes)}"
+        )
     out = later.copy()
     for name in STATE_VARS:
         if name in ("counts", "background"):

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -64,7 +65,8 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import ndimage
 
 from . import core, peaks
-from .errors import InputError
+from .checks import flag, number
+from .errors import InputError, ParameterError
 from .kernels import CWTKernels
 from .maps import is_allsky, wcs_from_attrs
 
@@ -295,15 +297,18 @@ def find_sources(
         frame. No source: the same columns with no rows, and a `UserWarning`.
     """
     shape = _check_result(result)
-    if not np.isfinite(min_significance):
-        raise InputError(f"min_significance must be finite, got {min_significance!r}")
-    if not (np.isfinite(contrast) and 0 <= contrast < 1):
-        raise InputError(f"contrast must be in [0, 1), got {contrast!r}")
+    min_significance = number("min_significance", min_significance)
+    if not (_is_real(contrast) and 0 <= contrast < 1):
+        raise ParameterError(f"contrast must be in [0, 1), got {contrast!r}")
+    deblend = flag("deblend", deblend)
+    approx_in_null = flag("approx_in_null", approx_in_null)
     kernels = _run_kernels(result, kernels)
     if min_separation is None:
         min_separation = kernels.min_scale * kernels.step_scale
-    if not (np.isfinite(min_separation) and min_separation >= 0):
-        raise InputError(f"min_separation must be a non-negative number, got {min_separation!r}")
+    if not (_is_real(min_separation) and np.isfinite(min_separation) and min_separation >= 0):
+        raise ParameterError(
+            f"min_separation must be a non-negative number, got {min_separation!r}"
+        )
     wcs = wcs_from_attrs(result.attrs).celestial
     pixel_size = float(np.mean(proj_plane_pixel_scales(wcs)))
     psf_pix = _psf_pixels(psf_sigma, pixel_size)
@@ -375,6 +380,10 @@ def find_sources(
     return table
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def _psf_pixels(psf_sigma: Any, pixel_size: float) -> float | None:
     """``psf_sigma`` in pixels (a plain number already is; an angle is divided by the pixel
     size in deg)."""
@@ -387,8 +396,8 @@ def _psf_pixels(psf_sigma: Any, pixel_size: float) -> float | None:
             raise InputError(f"psf_sigma must be an angle or pixels, got {psf_sigma!r}") from None
     else:
         value = psf_sigma
-    if isinstance(value, bool) or not np.isscalar(value) or not (np.isfinite(value) and value > 0):
-        raise InputError(f"psf_sigma must be a positive number, got {psf_sigma!r}")
+    if not _is_real(value) or not (np.isfinite(value) and value > 0):
+        raise ParameterError(f"psf_sigma must be a positive number, got {psf_sigma!r}")
     return float(value)
 
 

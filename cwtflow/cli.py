@@ -170,7 +170,7 @@ def cli() -> None:
     type=click.Path(path_type=Path),
     help="Result file (.fits), or zarr history store (.zarr) receiving every iteration.",
 )
-@click.option("--plot", type=click.Path(path_type=Path), help="Also save the images as PNG.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also save the images (.png/.pdf).")
 @click.option(
     "--resume", is_flag=True, help="Continue the run in the --out .zarr store where it stopped."
 )
@@ -204,7 +204,10 @@ def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
     if result_format(out) == "zarr":
         options["store"] = out
     if plot is not None:
+        from .plotting import plot_format
+
         check_output(plot, overwrite=options["overwrite"], hint="--overwrite")
+        plot_format(plot)  # a suffix matplotlib can write, refused before any work
     cwt = build_cwt(options)
     data = load_maps(maps, options)
     state = _analyze(cwt, data, options)

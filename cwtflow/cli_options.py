@@ -23,7 +23,7 @@ from .engine import CWT
 from .errors import StoreError
 from .formats import result_format
 from .io import check_output, read_maps, write_state
-from .kernels import CWTKernels
+from .kernels import MAX_N_SCALE, MIN_SCALE, CWTKernels
 from .maps import cutout, map_center, wcs_from_attrs
 
 __all__ = [
@@ -38,6 +38,13 @@ __all__ = [
     "output_options",
     "write_result",
 ]
+
+#: Smallest tile side ``--chunks`` accepts (the API takes any size, up to `MAX_TILES` tiles):
+#: every tile is a dask task per step and a chunk file per stored array and iteration, and a
+#: tile smaller than the kernels' halo is merged with its neighbours anyway. 1-pixel tiles
+#: wrote 33 000 files per iteration for a 100 x 200 map; 16-pixel ones write ~130 there, and
+#: a 4096 x 4096 map is at most 65 536 tiles of 16 x 16.
+MIN_CLI_TILE = 16
 
 #: Kernel defaults: the CWT tutorial's (CWTKernels itself has none).
 KERNEL_DEFAULTS = {"n_scale": 2, "min_scale": 6.0, "step_scale": 1.3}
@@ -71,17 +78,17 @@ cwt_options = _apply(
     [
         click.option(
             "--n-scale",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=MAX_N_SCALE),
             default=KERNEL_DEFAULTS["n_scale"],
             show_default=True,
             help="Number of wavelet scales.",
         ),
         click.option(
             "--min-scale",
-            type=click.FloatRange(min=0, min_open=True),
+            type=click.FloatRange(min=MIN_SCALE),
             default=KERNEL_DEFAULTS["min_scale"],
             show_default=True,
-            help="Smallest scale (pixels).",
+            help=f"Smallest scale (pixels, at least {MIN_SCALE}).",
         ),
         click.option(
             "--step-scale",
@@ -187,7 +194,15 @@ output_options = _apply(
 
 
 def build_cwt(options: Mapping[str, Any]) -> CWT:
-    """The estimator described by the CWT options."""
+    """The estimator described by the CWT options (``--chunks`` is checked here too, so that
+    every option is refused before any work)."""
+    chunks = options.get("chunks")
+    if chunks is not None and min(chunks) < MIN_CLI_TILE:
+        raise click.UsageError(
+            f"--chunks {chunks[0]} {chunks[1]}: tiles must be at least {MIN_CLI_TILE} x "
+            f"{MIN_CLI_TILE} pixels (every tile is a dask task per step and a file per stored "
+            "array and iteration)"
+        )
     kernels = CWTKernels(options["n_scale"], options["min_scale"], options["step_scale"])
     return CWT(
         kernels,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
 
 import dask
 import numpy as np
+import psutil
 import xarray as xr
 
 from . import core
-from .errors import InputError
+from .checks import flag, integer, number
+from .errors import InputError, ParameterError, ResourceError
 from .iteration import IterationInfo, Settings, Sink, Step, run_summary, variance_ratio
 from .kernels import CWTKernels
 from .maps import is_allsky, validate_maps, wcs_from_attrs
@@ -19,7 +22,17 @@ from .state import initial_state, new_state
 from .store_writer import ZarrSink
 from .tiled import TiledStep
 
-__all__ = ["CWT"]
+__all__ = ["CWT", "check_resources"]
+
+#: A kernel may be at most this many times the larger map side (`check_resources`)...
+KERNEL_MAP_RATIO = 4
+#: ...or this many pixels on any map (kernels of width up to 16 px: FFT grids under 0.3 MB).
+SMALL_KERNEL = 129
+#: Share of the available memory (psutil) the estimated working set may take.
+MEMORY_FRACTION = 0.8
+#: Most tiles a run may be cut into: each tile is a dask task per step and a file per stored
+#: array and iteration (a 1000 x 1000 map in 1-pixel tiles would write millions of files).
+MAX_TILES = 100_000
 
 
 class CWT:
@@ -75,22 +88,27 @@ class CWT:
         dtype: str = "float64",
     ) -> None:
         if not isinstance(kernels, CWTKernels):
-            raise InputError(f"kernels must be a CWTKernels, got {type(kernels).__name__}")
-        if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
-            raise InputError(f"max_iter must be a positive integer, got {max_iter!r}")
-        if not (np.isfinite(tol) and tol >= 0):
-            raise InputError(f"tol must be a non-negative number, got {tol!r}")
-        if not (np.isfinite(significance_threshold) and significance_threshold > 0):
+            raise ParameterError(f"kernels must be a CWTKernels, got {type(kernels).__name__}")
+        max_iter = integer("max_iter", max_iter, low=1)
+        tol = number("tol", tol, low=0.0)
+        if not (_is_real(significance_threshold) and 0 < significance_threshold < math.inf):
             # pixels without variance under the kernel (E == 0) have significance 0, so a
             # threshold at or below 0 would call them significant
-            raise InputError(
+            raise ParameterError(
                 "significance_threshold must be a finite number above 0, "
                 f"got {significance_threshold!r}"
             )
-        if significance_island_threshold is not None and not np.isfinite(
-            significance_island_threshold
+        if significance_island_threshold is not None and not (
+            _is_real(significance_island_threshold) and np.isfinite(significance_island_threshold)
         ):
-            raise InputError("significance_island_threshold must be finite or None")
+            raise ParameterError(
+                "significance_island_threshold must be finite or None, "
+                f"got {significance_island_threshold!r}"
+            )
+        remove_isolated = flag("remove_isolated", remove_isolated)
+        keep_history = flag("keep_history", keep_history)
+        wrap_lon = flag("wrap_lon", wrap_lon, none=True)
+        fft_workers = integer("fft_workers", fft_workers, low=1)
         #: Every setting of the run as one frozen value: what the steps and sinks receive.
         self.settings = Settings(
             kernels=kernels,
@@ -103,8 +121,8 @@ class CWT:
                     else float(significance_island_threshold)
                 ),
             ),
-            max_iter=int(max_iter),
-            tol=float(tol),
+            max_iter=max_iter,
+            tol=tol,
             keep_history=bool(keep_history),
             wrap_lon=wrap_lon,
             fft_workers=int(fft_workers),
@@ -161,7 +179,9 @@ class CWT:
             `cwtflow.make_maps`, `cwtflow.read_maps`). Not modified. A dask-backed Dataset runs
             tile by tile (its chunks are the tiles).
         chunks : int or (int, int) or dict, optional
-            Tile size (y, x) in pixels: chunk ``data`` and run tile by tile through dask.
+            Tile size (y, x) in pixels: chunk ``data`` and run tile by tile through dask. Any
+            size from 1 pixel works, but the map may be cut into at most `MAX_TILES`
+            (100 000) tiles.
         store : path, optional
             Zarr store receiving the inputs once and every iteration as its own group.
         resume : bool
@@ -183,7 +203,26 @@ class CWT:
             The state after the last iteration (lazy and backed by the store when ``store`` is
             given). ``attrs`` record ``iterations``, ``converged``, ``residual_variance`` (one
             value per iteration) and the run ``parameters``.
+
+        Raises
+        ------
+        InputError
+            Unusable ``data`` (see `cwtflow.validate_maps`).
+        ParameterError
+            An argument of the wrong type or value.
+        ResourceError
+            The run would not fit: see `check_resources` (kernel against map size, memory,
+            number of tiles). Checked before anything is written.
+        StoreError
+            ``store`` cannot be written or resumed.
         """
+        if chunks is not None:
+            chunks = _chunk_spec(chunks)
+        if store is not None and not isinstance(store, str | os.PathLike):
+            raise ParameterError(f"store must be a path, got {type(store).__name__}")
+        resume, overwrite = flag("resume", resume), flag("overwrite", overwrite)
+        if callback is not None and not callable(callback):
+            raise ParameterError(f"callback must be callable, got {type(callback).__name__}")
         if client is not None:
             return self._analyze_on(
                 client,
@@ -195,10 +234,18 @@ class CWT:
                 callback=callback,
             )
         data = validate_maps(data)
-        if chunks is not None:
-            data = data.chunk(_chunk_spec(chunks))
+        tiles = _tiles(data, chunks)  # counted before chunking: 1e6 chunks take a while
         settings = self.settings
         wrap = self.wraps(data)
+        check_resources(
+            self.kernels,
+            (data.sizes["y"], data.sizes["x"]),
+            tiles=tiles,
+            in_memory_state=store is None or tiles is None,
+            local=dask.config.get("scheduler", None) != "dask.distributed",
+        )
+        if chunks is not None:
+            data = data.chunk(chunks)
         step: Step
         if _is_lazy(data):
             step = TiledStep(settings, data, wrap)
@@ -275,19 +322,101 @@ def _is_lazy(data: xr.Dataset) -> bool:
     return any(var.chunks is not None for var in data.variables.values())
 
 
-def _chunk_spec(chunks: int | tuple[int, int] | dict[str, int]) -> dict[str, int]:
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def _chunk_spec(chunks: Any) -> dict[str, int]:
     """Normalise a tile size to xarray's ``{"y": ny, "x": nx}``."""
     if isinstance(chunks, dict):
-        spec = {dim: chunks[dim] for dim in ("y", "x") if dim in chunks}
+        unknown = [dim for dim in chunks if dim not in ("y", "x")]
+        if unknown:
+            raise ParameterError(f"chunks dims must be 'y' and/or 'x', got {unknown}")
+        spec = dict(chunks)
     elif np.ndim(chunks) == 0:
         spec = {"y": chunks, "x": chunks}
+    elif isinstance(chunks, tuple | list) and len(chunks) == 2:
+        spec = {"y": chunks[0], "x": chunks[1]}
     else:
-        ny, nx = chunks
-        spec = {"y": ny, "x": nx}
-    for dim, size in spec.items():
-        if isinstance(size, bool) or int(size) != size or size < 1:
-            raise InputError(f"chunk size along {dim} must be a positive integer, got {size!r}")
-    return {dim: int(size) for dim, size in spec.items()}
+        raise ParameterError(f"chunks must be an int, an (ny, nx) pair or a dict, got {chunks!r}")
+    return {dim: integer(f"chunk size along {dim}", size, low=1) for dim, size in spec.items()}
+
+
+def _tiles(data: xr.Dataset, spec: dict[str, int] | None) -> tuple[int, int, int] | None:
+    """(number of tiles, largest tile's ny, nx) of ``data`` cut by ``spec`` (`_chunk_spec`),
+    or of a dask-backed ``data`` as it is chunked; None for an in-memory run."""
+    ny, nx = data.sizes["y"], data.sizes["x"]
+    if spec is not None:
+        cy, cx = min(spec.get("y", ny), ny), min(spec.get("x", nx), nx)
+        return math.ceil(ny / cy) * math.ceil(nx / cx), cy, cx
+    chunks = data.chunks if _is_lazy(data) else None
+    if not chunks:
+        return None
+    ys, xs = chunks.get("y", (ny,)), chunks.get("x", (nx,))
+    return len(ys) * len(xs), max(ys), max(xs)
+
+
+def check_resources(
+    kernels: CWTKernels,
+    shape: tuple[int, int],
+    *,
+    tiles: tuple[int, int, int] | None = None,
+    in_memory_state: bool = True,
+    local: bool = True,
+) -> None:
+    """Refuse a run that cannot run, before any work: raises `ResourceError` saying why.
+
+    The rules, for a map of ``shape`` (ny, nx) and kernels of largest side ``S``
+    (``kernels.size``, halo ``h = S // 2``):
+
+    - ``S <= max(KERNEL_MAP_RATIO * max(ny, nx), SMALL_KERNEL)`` (4 x the larger side, or 129
+      pixels on any map): with the zero boundary, a kernel's part beyond twice the map side
+      never meets a pixel, so a larger kernel only costs time and memory;
+    - ``tiles`` (count, tile ny, tile nx) of a tiled run: at most `MAX_TILES` tiles;
+    - the estimated working set, at most `MEMORY_FRACTION` (80 %) of the memory available
+      (``psutil.virtual_memory().available``) when the run is ``local``: FFT grids of
+      ``G = fft_shape(map or tile + 2 h, h)`` pixels hold ``4 * n_scale + 6`` spectra of
+      ``8 G`` bytes (kernel, squared-kernel and image spectra, convolution buffers), per
+      dask thread for tiles; and, unless the state goes to a store (``in_memory_state``
+      false), two states of ``3 * n_scale + 9`` float64 planes of the map.
+    """
+    ny, nx = shape
+    side, halo, n_scale = kernels.size, kernels.halo, kernels.n_scale
+    allowed = max(KERNEL_MAP_RATIO * max(ny, nx), SMALL_KERNEL)
+    if side > allowed:
+        raise ResourceError(
+            f"kernels too large for the map: the largest kernel is {side} pixels wide and the "
+            f"map {ny} x {nx} pixels; at most {allowed} pixels ({KERNEL_MAP_RATIO} x the "
+            f"larger map side, or {SMALL_KERNEL}) are allowed: lower n_scale, min_scale or "
+            "step_scale"
+        )
+    if tiles is not None and tiles[0] > MAX_TILES:
+        raise ResourceError(
+            f"too many tiles: {tiles[0]} tiles of {tiles[1]} x {tiles[2]} pixels for a "
+            f"{ny} x {nx} map (at most {MAX_TILES}: every tile is a dask task per step and a "
+            "file per stored array); use larger chunks"
+        )
+    if not local:
+        return
+    if tiles is None:
+        grid = core.fft_shape(shape, halo)
+        threads = 1
+    else:
+        grid = core.fft_shape((tiles[1] + 2 * halo, tiles[2] + 2 * halo), halo)
+        threads = min(tiles[0], os.cpu_count() or 1)
+    need = 8 * grid[0] * grid[1] * (4 * n_scale + 6) * threads
+    if in_memory_state:
+        need += 2 * 8 * ny * nx * (3 * n_scale + 9)
+    available = psutil.virtual_memory().available
+    if need > MEMORY_FRACTION * available:
+        raise ResourceError(
+            f"not enough memory: the run needs about {need / 1024**3:.3g} GiB (FFT grid "
+            f"{grid[0]} x {grid[1]}, {n_scale} scales) and {available / 1024**3:.3g} GiB are "
+            f"available (at most {MEMORY_FRACTION:.0%} may be used): use smaller kernels, "
+            "or tiles (chunks) and a store"
+        )
 
 
 class _InMemoryStep:

@@ -18,7 +18,7 @@ from astropy.wcs import WCS
 
 from .analysis import difference as _difference
 from .analysis import images as _images
-from .errors import StoreError
+from .errors import NotFoundError, ParameterError, StoreError
 from .iteration import IterationInfo, iteration_table, run_summary
 from .kernels import CWTKernels
 from .maps import wcs_from_attrs
@@ -129,11 +129,16 @@ class History:
         return wcs_from_attrs(self.attrs)
 
     def state(self, k: int) -> xr.Dataset:
-        """Full state (inputs merged in) after iteration ``k``; ``-1`` is the newest."""
-        if k < 0:
+        """Full state (inputs merged in) after iteration ``k``; ``-1`` is the newest.
+
+        An iteration the store does not hold raises `NotFoundError` (a `KeyError`)."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+            raise ParameterError(f"iteration must be an integer, got {k!r}")
+        k = int(k)
+        if -len(self.iterations) <= k < 0:
             k = self.iterations[k]
         if k not in self._groups:
-            raise KeyError(f"iteration {k} is not in the store; it holds {self.iterations}")
+            raise NotFoundError(f"iteration {k} is not in the store; it holds {self.iterations}")
         return compose_state(self.inputs, self._groups[k])
 
     @property
@@ -154,9 +159,12 @@ class History:
 
     def stack(self, name: str, iterations: Sequence[int] | None = None) -> xr.DataArray:
         """One variable (stored, or a derived image such as ``residual``) over iterations,
-        along a new leading ``iteration`` dimension (lazy)."""
+        along a new leading ``iteration`` dimension (lazy). An unknown ``name`` raises
+        `NotFoundError` (a `KeyError`)."""
+        if not isinstance(name, str):
+            raise ParameterError(f"variable name must be a string, got {name!r}")
         if name not in STATE_VARS and name not in IMAGES and name not in CUBES:
-            raise KeyError(f"{name!r} is not a state variable or image")
+            raise NotFoundError(f"{name!r} is not a state variable or image")
         iters = list(self.iterations if iterations is None else iterations)
         arrays = []
         for k in iters:

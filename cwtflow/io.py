@@ -23,6 +23,7 @@ import math
 import os
 import secrets
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 
 from .analysis import images
-from .errors import InputError, StoreError
+from .errors import InputError, ParameterError, StoreError
 from .maps import make_maps, validate_maps, wcs_from_attrs
 from .state import CARRIED, CUBES, IMAGES, STATE_VARS
 from .version import __version__
@@ -125,7 +126,13 @@ def atomic_output(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
 # Input maps
 
 
+#: What a damaged file raises from inside astropy or gzip while it is read (lazily).
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
 def _existing_file(path: PathLike, error: type[Exception]) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise error(f"path must be a file name, got {type(path).__name__}")
     path = Path(path).expanduser()
     if not path.exists():
         raise error(f"file not found: {path}")
@@ -137,7 +144,7 @@ def _existing_file(path: PathLike, error: type[Exception]) -> Path:
 def _open_fits(path: Path, error: type[Exception]) -> fits.HDUList:
     try:
         return fits.open(path, memmap=False)
-    except OSError as exc:
+    except _READ_ERRORS as exc:
         raise error(f"cannot read {path} as FITS: {exc}") from None
 
 
@@ -198,7 +205,7 @@ def _read_image(
         raise InputError(f"{role} HDU {label!r} is a {type(hdu).__name__}, not an image")
     try:
         data = hdu.data
-    except (OSError, ValueError, TypeError) as exc:
+    except (*_READ_ERRORS, ValueError, TypeError) as exc:
         raise InputError(f"cannot read {role} HDU {label!r} of {path.name}: {exc}") from None
     if data is None or data.size == 0:
         raise InputError(f"empty map: {role} HDU {label!r} has no pixels")
@@ -250,6 +257,24 @@ def read_maps(
         longitude on x, NaN/infinite or negative pixels.
     """
     path = _existing_file(path, InputError)
+    for key in (counts_hdu, background_hdu, exposure_hdu):
+        if key is not None and (isinstance(key, bool) or not isinstance(key, str | int)):
+            raise ParameterError(f"HDU keys must be names or indices, got {key!r}")
+    try:
+        with warnings.catch_warnings():  # a truncated file fails below, with one message
+            warnings.filterwarnings("ignore", "File may have been truncated")
+            return _read_maps(path, counts_hdu, background_hdu, exposure_hdu, check_values)
+    except _READ_ERRORS as exc:  # a damaged file, found while reading it lazily
+        raise InputError(f"cannot read {path} as FITS: {exc}") from None
+
+
+def _read_maps(
+    path: Path,
+    counts_hdu: HDUKey,
+    background_hdu: HDUKey,
+    exposure_hdu: HDUKey | None,
+    check_values: bool,
+) -> xr.Dataset:
     with _open_fits(path, InputError) as hdul:
         counts, wcs, counts_label = _read_image(hdul, counts_hdu, "counts", path)
         layers = {"counts": (counts, counts_label)}
@@ -483,6 +508,15 @@ def read_state(path: PathLike) -> xr.Dataset:
         Missing or unreadable file, or a file that is not a complete cwtflow state.
     """
     path = _existing_file(path, StoreError)
+    try:
+        with warnings.catch_warnings():  # a truncated file fails below, with one message
+            warnings.filterwarnings("ignore", "File may have been truncated")
+            return _read_state(path)
+    except _READ_ERRORS as exc:  # a damaged file, found while reading it lazily
+        raise StoreError(f"cannot read {path} as FITS: {exc}") from None
+
+
+def _read_state(path: Path) -> xr.Dataset:
     with _open_fits(path, StoreError) as hdul:
         primary = hdul[0].header
         if MARKER not in primary:
@@ -500,7 +534,7 @@ def read_state(path: PathLike) -> xr.Dataset:
                 dims = tuple(hdu.header["CWTDIMS"].split(","))
                 values = hdu.data["SCALE"] if name == "scale" else hdu.data
                 values = np.asarray(values).astype(hdu.header["CWTDTYPE"])
-            except (OSError, ValueError, TypeError, KeyError) as exc:
+            except (*_READ_ERRORS, ValueError, TypeError, KeyError) as exc:
                 raise StoreError(f"cannot read HDU {hdu.name} of {path.name}: {exc}") from None
             target = coords if kind == "coord" else data_vars
             target[name] = xr.Variable(dims, values, var_attrs)

@@ -10,9 +10,44 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
-from .errors import InputError
+from .checks import integer, number
+from .errors import InputError, ResourceError
 
-__all__ = ["CWTKernels", "gaussian_kernel", "kernel_size", "ricker_kernel"]
+__all__ = [
+    "MAX_KERNEL_BYTES",
+    "MAX_KERNEL_SIDE",
+    "MAX_N_SCALE",
+    "MIN_SCALE",
+    "CWTKernels",
+    "gaussian_kernel",
+    "kernel_size",
+    "ricker_kernel",
+]
+
+#: Smallest ``min_scale`` (pixels). The smallest kernel then has width >= 0.5 px (wavelet of
+#: width ``min_scale * step_scale``, Gaussian of sigma ``min_scale * step_scale**n_scale``):
+#: by Poisson summation a Gaussian of sigma s sampled at pixel centres sums to its integral
+#: (1) within about ``4 * exp(-2 * pi**2 * s**2)``: 1.029 at s = 0.5 (a 5 x 5 kernel), but
+#: 2.55 at s = 0.25 (3 x 3), where that series no longer converges fast; and a Ricker
+#: wavelet keeps its negative ring on the first ring of pixels only while its zero crossing
+#: ``sqrt(2) * w`` stays below ~1 px. Below the floor the kernel collapses to a few pixels of
+#: values up to ``1 / (pi w**4)`` (1e35 at w = 1e-9) and the transform is meaningless.
+MIN_SCALE = 0.5
+#: Largest side (pixels) of any kernel: the approximation kernel and the largest wavelet both
+#: have width ``w = min_scale * step_scale**n_scale`` and side ``kernel_size(w)``, odd
+#: ``ceil(8 w)``, so this bounds ``w <= 512.125`` px (51 deg on 0.1 deg pixels, far beyond
+#: any source). One such kernel is 134 MB of float64 built in ~0.5 s, each of its spectra on
+#: an FFT grid at least as large twice that; at 8193 px a kernel takes 537 MB and ~10 s to
+#: build before any check of the map could refuse it.
+MAX_KERNEL_SIDE = 4097
+#: Largest total size (bytes) of the kernel arrays (wavelets and approximation): 1 GiB, room
+#: for two kernels of the largest side plus a geometric series of smaller ones down to
+#: step_scale ~1.1.
+MAX_KERNEL_BYTES = 1024**3
+#: Largest number of scales: the state holds three (n_scale, ny, nx) cubes and every iteration
+#: convolves 2 * n_scale + 1 times; 100 scales from MIN_SCALE to the largest width already
+#: space them 7 % apart.
+MAX_N_SCALE = 100
 
 
 def kernel_size(width: float) -> int:
@@ -50,6 +85,26 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _check_size(n_scale: int, min_scale: float, step_scale: float) -> None:
+    """Refuse kernels beyond `MAX_KERNEL_SIDE` or `MAX_KERNEL_BYTES`, before building them."""
+    # log space: step_scale**n_scale may overflow a float
+    log_width = math.log(min_scale) + n_scale * math.log(step_scale)
+    if log_width > math.log(MAX_KERNEL_SIDE / 8):
+        raise ResourceError(
+            f"kernels too large: the largest kernel (width min_scale * step_scale**n_scale = "
+            f"{math.exp(min(log_width, 700.0)):.4g} px) would be more than {MAX_KERNEL_SIDE} "
+            "pixels wide; lower n_scale, min_scale or step_scale"
+        )
+    widths = [min_scale * step_scale ** (i + 1) for i in range(n_scale)]
+    sides = [kernel_size(w) for w in (*widths, widths[-1])]
+    total = 8 * sum(side * side for side in sides)
+    if total > MAX_KERNEL_BYTES:
+        raise ResourceError(
+            f"kernels too large: their arrays would take {total / 1024**3:.3g} GiB (limit "
+            f"{MAX_KERNEL_BYTES / 1024**3:g} GiB); lower n_scale or min_scale, or raise step_scale"
+        )
+
+
 @dataclass(frozen=True)
 class CWTKernels:
     """The kernels of a CWT run: one Ricker wavelet per scale and one Gaussian approximation.
@@ -57,11 +112,21 @@ class CWTKernels:
     Parameters
     ----------
     n_scale : int
-        Number of wavelet scales (>= 1).
+        Number of wavelet scales, 1 to `MAX_N_SCALE` (100).
     min_scale : float
-        Smallest scale in pixels (> 0).
+        Smallest scale in pixels, at least `MIN_SCALE` (0.5 px: finer kernels are
+        under-sampled).
     step_scale : float
         Ratio between successive scales (> 1).
+
+    Raises
+    ------
+    ParameterError
+        A parameter of the wrong type or outside the ranges above.
+    ResourceError
+        The largest kernel, of width ``min_scale * step_scale**n_scale``, would exceed
+        `MAX_KERNEL_SIDE` (4097) pixels, or the kernels together `MAX_KERNEL_BYTES` (1 GiB).
+        Both are checked before any array is built.
 
     Attributes
     ----------
@@ -85,15 +150,13 @@ class CWTKernels:
     halo: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_scale, bool) or int(self.n_scale) != self.n_scale or self.n_scale < 1:
-            raise InputError(f"n_scale must be a positive integer, got {self.n_scale!r}")
-        if not (np.isfinite(self.min_scale) and self.min_scale > 0):
-            raise InputError(f"min_scale must be a positive number, got {self.min_scale!r}")
-        if not (np.isfinite(self.step_scale) and self.step_scale > 1):
-            raise InputError(f"step_scale must be a number above 1, got {self.step_scale!r}")
-        object.__setattr__(self, "n_scale", int(self.n_scale))
-        object.__setattr__(self, "min_scale", float(self.min_scale))
-        object.__setattr__(self, "step_scale", float(self.step_scale))
+        n_scale = integer("n_scale", self.n_scale, low=1, high=MAX_N_SCALE)
+        min_scale = number("min_scale", self.min_scale, low=MIN_SCALE)
+        step_scale = number("step_scale", self.step_scale, low=1.0, low_open=True)
+        _check_size(n_scale, min_scale, step_scale)
+        object.__setattr__(self, "n_scale", n_scale)
+        object.__setattr__(self, "min_scale", min_scale)
+        object.__setattr__(self, "step_scale", step_scale)
         scales = self.min_scale * self.step_scale ** np.arange(self.n_scale, dtype=np.float64)
         wavelets = tuple(_frozen(ricker_kernel(s * self.step_scale)) for s in scales)
         approx = _frozen(gaussian_kernel(self.approx_sigma))
@@ -142,5 +205,5 @@ class CWTKernels:
         parameters, are ignored). A missing key raises `InputError`."""
         try:
             return cls(params["n_scale"], params["min_scale"], params["step_scale"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:  # not a mapping, or a key missing
             raise InputError(f"kernel parameters incomplete or malformed: {exc!r}") from None

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import astropy.units as u
 import numpy as np
 import xarray as xr
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.nddata import Cutout2D
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
 
-from .errors import InputError
+from .errors import InputError, ParameterError
 
 __all__ = [
+    "MAX_PIXEL_VALUE",
     "cutout",
     "is_allsky",
     "make_maps",
@@ -27,6 +30,14 @@ __all__ = [
 
 WCS_ATTR = "wcs"
 
+#: Largest pixel value accepted in counts, background and exposure. The run squares pixel
+#: values (residual variance: a sum of squares over the map) and weights them by kernel
+#: values (at most ~10 for the smallest kernels allowed, ~100 squared): ``v**2 * N * 100``
+#: stays below float64's 1.8e308 for maps of N up to 1e12 pixels when
+#: ``v <= sqrt(1.8e308 / 1e14) ~ 1e147``; 1e140 keeps a margin and is ~130 orders of
+#: magnitude above any real count or exposure. Above it the state overflows to inf.
+MAX_PIXEL_VALUE = 1e140
+
 
 def wcs_to_attrs(wcs: WCS) -> dict[str, Any]:
     """The WCS as a JSON-ready dict of FITS header cards (no COMMENT/HISTORY)."""
@@ -36,11 +47,18 @@ def wcs_to_attrs(wcs: WCS) -> dict[str, Any]:
 
 def wcs_from_attrs(attrs: Mapping[str, Any]) -> WCS:
     """Rebuild the celestial WCS stored by `wcs_to_attrs` in ``attrs["wcs"]``."""
+    if not isinstance(attrs, Mapping):
+        raise InputError(f"attrs must be a mapping, got {type(attrs).__name__}")
     try:
         cards = attrs[WCS_ATTR]
     except KeyError:
         raise InputError("dataset has no WCS: attrs['wcs'] is missing") from None
-    return WCS(fits.Header(dict(cards)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            return WCS(fits.Header(dict(cards)))
+    except Exception as exc:  # astropy raises ValueError, KeyError, TypeError, MemoryError...
+        raise InputError(f"attrs['wcs'] is not a usable WCS header: {exc}") from None
 
 
 def _check_celestial(wcs: WCS) -> WCS:
@@ -105,11 +123,26 @@ def make_maps(
         assumed (useful for simulations).
     exposure : array-like, shape (ny, nx), optional
         Exposure (cm2 s), carried along for flux estimates.
+
+    Raises
+    ------
+    InputError
+        An array that is not a non-empty 2-D array of real numbers (complex, strings, 0 x 0),
+        shapes that differ, or a WCS that is not 2-D celestial. Pixel values are checked by
+        `validate_maps` (which `CWT.analyze` runs).
+    ParameterError
+        ``wcs`` is not an astropy WCS.
     """
-    counts = np.asarray(counts, dtype=np.float64)
-    background = np.asarray(background, dtype=np.float64)
-    if counts.ndim != 2:
-        raise InputError(f"counts must be a 2-D image, got {counts.ndim} dimensions")
+    counts = _image("counts", counts)
+    background = _image("background", background)
+    if exposure is not None:
+        exposure = _image("exposure", exposure)
+        if exposure.shape != counts.shape:
+            raise InputError(
+                f"counts and exposure shapes differ: {counts.shape} vs {exposure.shape}"
+            )
+    if wcs is not None and not isinstance(wcs, WCS):
+        raise ParameterError(f"wcs must be an astropy.wcs.WCS or None, got {type(wcs).__name__}")
     if wcs is None:
         wcs = default_wcs(counts.shape)
     data_vars = {
@@ -123,7 +156,7 @@ def make_maps(
     if exposure is not None:
         data_vars["exposure"] = (
             ("y", "x"),
-            np.asarray(exposure, dtype=np.float64),
+            exposure,
             {"units": "cm2 s", "long_name": "exposure"},
         )
     _check_celestial(wcs)
@@ -134,6 +167,23 @@ def make_maps(
     ds = xr.Dataset(data_vars, coords=_coords(wcs, counts.shape))
     ds.attrs[WCS_ATTR] = wcs_to_attrs(wcs)
     return ds
+
+
+def _image(name: str, values: Any) -> np.ndarray:
+    """``values`` as a non-empty 2-D float64 array, or an `InputError` naming ``name``."""
+    array = values if isinstance(values, np.ndarray) else None
+    if array is None:
+        try:
+            array = np.asarray(values)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{name} is not an array of numbers: {exc}") from None
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"{name} must be an array of real numbers, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise InputError(f"{name} must be a 2-D image, got {array.ndim} dimensions")
+    if array.size == 0:
+        raise InputError(f"empty map: {name} has shape {array.shape}")
+    return np.asarray(array, dtype=np.float64)
 
 
 def default_wcs(shape: tuple[int, int], *, binsz: float = 0.1) -> WCS:
@@ -151,9 +201,10 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
     """Check an input Dataset and return it with float64 ``counts``/``background`` on (y, x).
 
     Raises `InputError` naming the problem: missing variable, wrong dims, shape mismatch, empty
-    map, NaN/inf or negative pixels in counts, background or exposure (with their number),
-    missing or non-celestial WCS. Lazy (dask-backed) inputs are checked with dask reductions,
-    not loaded. The one check of pixel values: `cwtflow.read_maps` and `CWT.analyze` use it.
+    map, NaN/inf, negative or overflowing (above `MAX_PIXEL_VALUE`, 1e140) pixels in counts,
+    background or exposure (with their number), non-real dtypes, missing or non-celestial WCS.
+    Lazy (dask-backed) inputs are checked with dask reductions, not loaded. The one check of
+    pixel values: `cwtflow.read_maps` and `CWT.analyze` use it.
     """
     if not isinstance(data, xr.Dataset):
         raise InputError(f"expected an xarray.Dataset, got {type(data).__name__}")
@@ -170,6 +221,8 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
     for name in names:
         if data[name].dims != ("y", "x"):
             raise InputError(f"'{name}' must have dims ('y', 'x'), got {data[name].dims}")
+        if data[name].dtype.kind not in "biuf":
+            raise InputError(f"{name} must hold real numbers, got dtype {data[name].dtype}")
         out[name] = data[name].astype(np.float64)
     # one pass over the pixels, every count in one computation (dask reductions when lazy)
     stats = {}
@@ -178,6 +231,8 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
         stats[f"{name}_nonfinite"] = (~np.isfinite(var)).sum()
         stats[f"{name}_negative"] = (var < 0).sum()
         stats[f"{name}_min"] = var.min()
+        stats[f"{name}_huge"] = (var > MAX_PIXEL_VALUE).sum()
+        stats[f"{name}_max"] = var.max()
     values = {k: v.item() for k, v in xr.Dataset(stats).compute().data_vars.items()}
     for name in names:
         size = out[name].size
@@ -189,6 +244,12 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
         if values[f"{name}_negative"]:
             n, low = values[f"{name}_negative"], values[f"{name}_min"]
             raise InputError(f"{name} contains negative pixels ({n} negative pixels, min {low:g})")
+        if values[f"{name}_huge"]:
+            n, high = values[f"{name}_huge"], values[f"{name}_max"]
+            raise InputError(
+                f"{name} contains pixels too large to compute with ({n} above "
+                f"{MAX_PIXEL_VALUE:g}, max {high:g}): their squares overflow float64"
+            )
     return out
 
 
@@ -204,8 +265,21 @@ def cutout(data: xr.Dataset, position: SkyCoord, width: Any) -> xr.Dataset:
 
     ``width`` is an astropy Quantity (one value or (lon, lat) pair); like the original tutorial,
     20 x 10 deg around the centre of the 0.1 deg survey map gives 200 x 100 pixels. Every
-    (y, x) variable is cut; the WCS and sky coordinates follow.
+    (y, x) variable is cut; the WCS and sky coordinates follow. Plain numbers are pixels.
+
+    Raises
+    ------
+    InputError
+        ``data`` is not a Dataset with a WCS, or the rectangle does not overlap the map.
+    ParameterError
+        ``position`` is not a SkyCoord, or ``width`` is not one or two positive finite
+        angles (or pixel counts).
     """
+    if not isinstance(data, xr.Dataset):
+        raise InputError(f"expected an xarray.Dataset, got {type(data).__name__}")
+    if not isinstance(position, SkyCoord) or not position.isscalar:
+        raise ParameterError(f"position must be one astropy SkyCoord, got {position!r}")
+    _check_width(width)
     wcs = wcs_from_attrs(data.attrs)
     shape = (data.sizes["y"], data.sizes["x"])
     size = _lat_lon_size(width)
@@ -219,6 +293,23 @@ def cutout(data: xr.Dataset, position: SkyCoord, width: Any) -> xr.Dataset:
     out = out.assign_coords(_coords(new_wcs, (y1 - y0, x1 - x0)))
     out.attrs[WCS_ATTR] = wcs_to_attrs(new_wcs)
     return out
+
+
+def _check_width(width: Any) -> None:
+    """One or two positive finite angles (Quantity) or pixel counts (numbers)."""
+    values = width
+    if isinstance(width, u.Quantity):
+        if width.unit.physical_type != "angle" and width.unit != u.pix:
+            raise ParameterError(f"width must be an angle or pixels, got unit {width.unit}")
+        values = width.value
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim > 1 or array.size not in (1, 2):
+        raise ParameterError(f"width must be one or two (lon, lat) sizes, got {width!r}")
+    if not (np.all(np.isfinite(array)) and np.all(array > 0)):
+        raise ParameterError(f"width must be positive and finite, got {width!r}")
 
 
 def _lat_lon_size(width: Any) -> Any:

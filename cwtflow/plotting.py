@@ -9,7 +9,8 @@ layout pass measures the space the fixed aspect ratio of the maps leaves unused 
 figure is shrunk by it, so the canvas holds little empty margin whatever the map's shape.
 Tick spacings are chosen from the panel's size in inches and the size of the tick labels,
 so labels do not collide on thin survey strips; the latitude axis label is abbreviated when
-the full one is longer than the panel is tall.
+the full one is longer than the panel is tall. Saving renders with the Agg backend in the format
+the file's suffix names (`plot_format`).
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from matplotlib.transforms import Bbox
 
 from .analysis import images
-from .errors import InputError
+from .checks import integer, number
+from .errors import InputError, ParameterError
 from .io import atomic_output
 from .maps import wcs_from_attrs
 from .state import STATE_VARS
 
-__all__ = ["STRETCHES", "plot_images"]
+__all__ = ["STRETCHES", "plot_format", "plot_images"]
 
 #: Names accepted by ``plot_images(stretch=...)`` and the astropy stretch each one means.
 STRETCHES: dict[str, Callable[[], object]] = {
@@ -107,26 +109,26 @@ def _check_choices(
     stretch: str, vmin: float | None, vmax: float | None, percentile: float, cmap: str
 ) -> Colormap:
     if not isinstance(stretch, str) or stretch not in STRETCHES:
-        raise InputError(
+        raise ParameterError(
             f"unknown stretch {stretch!r}; valid stretches: {', '.join(map(repr, STRETCHES))}"
         )
     for label, value in (("vmin", vmin), ("vmax", vmax)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)
         ):
-            raise InputError(f"{label} must be a finite number or None, got {value!r}")
+            raise ParameterError(f"{label} must be a finite number or None, got {value!r}")
     if vmin is not None and vmax is not None and not vmin < vmax:
-        raise InputError(f"vmin must be below vmax, got vmin={vmin!r}, vmax={vmax!r}")
+        raise ParameterError(f"vmin must be below vmax, got vmin={vmin!r}, vmax={vmax!r}")
     if (
         isinstance(percentile, bool)
         or not isinstance(percentile, Real)
         or not 0 < percentile <= 100
     ):
-        raise InputError(f"percentile must be a number in (0, 100], got {percentile!r}")
+        raise ParameterError(f"percentile must be a number in (0, 100], got {percentile!r}")
     try:
         return matplotlib.colormaps[cmap]
     except (KeyError, TypeError):
-        raise InputError(
+        raise ParameterError(
             f"unknown colour map {cmap!r}; valid: any name of matplotlib.colormaps, "
             "e.g. 'viridis', 'magma', 'Greys'"
         ) from None
@@ -332,6 +334,25 @@ def _unused(fig: Figure) -> tuple[float, float]:
     )
 
 
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The matplotlib format a figure saved to ``path`` is written in: its suffix, lower case.
+
+    Every format matplotlib's Agg canvas saves (``Figure().canvas.get_supported_filetypes()``:
+    png, pdf, svg, jpg, tif, eps, ...) except ``pgf`` (it needs a LaTeX installation); any
+    other suffix, or none, raises `ParameterError` (so a run can refuse it before any work).
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise ParameterError(f"plot path must be a file name, got {type(path).__name__}")
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = sorted(set(FigureCanvasAgg(Figure()).get_supported_filetypes()) - {"pgf"})
+    if suffix not in formats:
+        raise ParameterError(
+            f"cannot tell the image format of {Path(path).name!r}: its suffix must be one of "
+            + ", ".join(f".{f}" for f in formats)
+        )
+    return suffix
+
+
 def plot_images(
     state: xr.Dataset,
     path: str | os.PathLike[str] | None = None,
@@ -355,7 +376,8 @@ def plot_images(
         included) or any Dataset of (y, x) images with the WCS in ``attrs["wcs"]`` (e.g. input
         maps).
     path : path-like, optional
-        Save the figure there as PNG (atomically, replacing an existing file).
+        Save the figure there (atomically, replacing an existing file) in the format its
+        suffix names (`plot_format`: .png, .pdf, .svg, ...).
     names : sequence of str, optional
         Images to show, in this order; default: all available images.
     ncols : int, optional
@@ -369,7 +391,7 @@ def plot_images(
         Matplotlib colour map. Boolean images (e.g. ``support_2d``) use its two end colours,
         with a colour bar of two ticks, ``False`` and ``True``.
     dpi : int
-        Resolution of the saved PNG.
+        Resolution of the saved image (1 to 1000 dots per inch).
     stretch : {"linear", "sqrt", "log", "asinh"}
         How values map to colours between the colour range's ends (astropy.visualization
         stretches, see `STRETCHES`); "sqrt", "log" and "asinh" bring out faint structure
@@ -392,11 +414,17 @@ def plot_images(
     ------
     InputError
         Unknown image name, stretch or colour map, no WCS, bad colour range or layout values.
+    ParameterError
+        A path whose suffix names no image format, a bad ``dpi``.
     StoreError
         ``path`` cannot be written.
     """
     if not isinstance(state, xr.Dataset):
         raise InputError(f"expected an xarray.Dataset, got {type(state).__name__}")
+    fmt = None if path is None else plot_format(path)
+    dpi = integer("dpi", dpi, low=1, high=1000)
+    if isinstance(names, str):
+        names = [names]
     colormap = _check_choices(stretch, vmin, vmax, percentile, cmap)
     wcs = wcs_from_attrs(state.attrs)
     available = _available(state)
@@ -412,13 +440,10 @@ def plot_images(
     ny, nx = available.sizes["y"], available.sizes["x"]
     if ncols is None:
         ncols = 1 if nx > 4 * ny else 2
-    if isinstance(ncols, bool) or int(ncols) != ncols or ncols < 1:
-        raise InputError(f"ncols must be a positive integer, got {ncols!r}")
-    ncols = min(int(ncols), len(names))
+    ncols = min(integer("ncols", ncols, low=1), len(names))
     if panel_width is None:
         panel_width = min(16.0, max(5.0, 1.25 * nx / ny))
-    if not (np.isfinite(panel_width) and panel_width > 0):
-        raise InputError(f"panel_width must be a positive number, got {panel_width!r}")
+    panel_width = number("panel_width", panel_width, low=0.0, low_open=True, high=100.0)
     nrows = math.ceil(len(names) / ncols)
     map_width = max(panel_width - _DECOR_WIDTH, 0.3 * panel_width)
     map_height = map_width * ny / nx
@@ -505,5 +530,5 @@ def plot_images(
         if path is not None:
             target = Path(path).expanduser()
             with atomic_output(target, overwrite=True) as tmp:
-                fig.savefig(tmp, format="png", dpi=dpi)
+                fig.savefig(tmp, format=fmt, dpi=dpi)
     return fig

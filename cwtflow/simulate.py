@@ -10,6 +10,7 @@ Poisson draw of the total; the background map handed to the CWT is the true diff
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import astropy.units as u
@@ -26,14 +27,18 @@ __all__ = ["simulate_sky"]
 SOURCE_DENSITY = 3200
 
 
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not np.isscalar(value) or not np.isfinite(value) or value <= 0:
+    if not _real(value) or not np.isfinite(value) or value <= 0:
         raise InputError(f"{name} must be a positive number, got {value!r}")
     return float(value)
 
 
 def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not np.isscalar(value) or not np.isfinite(value) or value < 0:
+    if not _real(value) or not np.isfinite(value) or value < 0:
         raise InputError(f"{name} must be a non-negative number, got {value!r}")
     return float(value)
 
