@@ -1,18 +1,18 @@
 """FITS storage: input sky maps in and out, CWT states out and back, atomic file writes.
 
-Layout of a state file written by `write_state` (HDU order)::
+Layout of a state file written by `write_state`: a data-less PRIMARY HDU (run summary cards
+ITERS, CONVERGD, NSCALE, ... RESVARn; provenance cards DATE, CREATOR, INPUTn, SHA256_n and the
+JSON card CWTPROV; CWTATTRS, the state's attrs as JSON, the source `read_state` uses), one
+image HDU per stored variable of `STATE_VARS` (then EXPOSURE; cubes with the scale index as
+third FITS axis) and the SCALES table (column SCALE, pixels). Each image HDU carries the WCS
+cards, ``BUNIT`` and the cards ``CWTVAR``, ``CWTKIND``, ``CWTDIMS``, ``CWTDTYPE`` and
+``VARATTRS`` that let `read_state` rebuild the Dataset exactly.
 
-    PRIMARY        no data; run summary cards (ITERS, CONVERGD, NSCALE, ... RESVARn) and
-                   CWTATTRS, the state's attrs as JSON (the source `read_state` uses)
-    COUNTS ... SUPPORT_2D   the ten 2-D images of `cwtflow.state.IMAGES`, in that order
-                   (derived ones included; booleans stored as unsigned bytes)
-    TRANSFORM_3D, ERROR, SUPPORT   the (scale, y, x) cubes; third FITS axis = scale index
-    SCALES         binary table, column SCALE: the scale values (pixels)
-    LON, LAT       pixel-centre sky coordinates (deg), stored so the round trip is exact
-
-Every image HDU carries the map's WCS cards, ``BUNIT`` and bookkeeping cards (``CWTVAR``,
-``CWTKIND``, ``CWTDIMS``, ``CWTDTYPE``, ``VARATTRS``) that let `read_state` rebuild the Dataset
-exactly. Derived images are written for FITS viewers and ignored on reading.
+Only what a reader cannot rebuild is stored, with lossless FITS tile compression (GZIP_2
+without quantisation for floats, RICE_1 for integers): counts as int32 when integral, booleans
+as uint8, other floats as float64. Not stored: the derived images (`cwtflow.images` recomputes
+them), the lon/lat coordinates (rebuilt from the WCS) and ``transform_2d`` when it is exactly
+``sum_i S_i T_i`` of the stored cubes; the JSON card CWTREBLT names what is rebuilt.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 
-from .analysis import images
+from .core import update_model
 from .errors import InputError, StoreError
-from .maps import make_maps, validate_maps, wcs_from_attrs
-from .state import CARRIED, CUBES, IMAGES, STATE_VARS
+from .maps import make_maps, sky_coordinates, validate_maps, wcs_from_attrs
+from .provenance import add_fits_cards, provenance
+from .state import CARRIED, STATE_VARS
 from .version import __version__
 
 __all__ = [
@@ -61,23 +62,12 @@ _WCS_KEYS = ("CTYPE", "CUNIT", "CRPIX", "CRVAL", "CDELT", "PC", "CD", "LONPOLE",
 
 
 def check_output(path: PathLike, *, overwrite: bool = False, hint: str = "overwrite=True") -> Path:
-    """Check that ``path`` can receive a new file and return it as a `Path`.
+    """Check that ``path`` can receive a new file (replacing an existing one only with
+    ``overwrite``) and return it as a `Path`. ``hint`` is how the caller enables overwriting,
+    quoted in the error message (the CLI says ``--overwrite``).
 
-    Parameters
-    ----------
-    path : path-like
-        File to be written.
-    overwrite : bool
-        Allow replacing an existing file.
-    hint : str
-        How the caller enables overwriting, quoted in the error message (the CLI says
-        ``--overwrite``).
-
-    Raises
-    ------
-    StoreError
-        The folder does not exist or is not a folder, the path is a folder, or the file exists
-        and ``overwrite`` is false.
+    Raises `StoreError` when the folder does not exist or is not a folder, the path is a
+    folder, or the file exists and ``overwrite`` is false.
     """
     path = Path(path).expanduser()
     parent = path.parent
@@ -282,13 +272,21 @@ def _wcs_header(attrs: Mapping[str, Any]) -> fits.Header:
         return fits.Header(dict(attrs["wcs"]))
 
 
-def write_maps(data: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> Path:
+def write_maps(
+    data: xr.Dataset,
+    path: PathLike,
+    *,
+    overwrite: bool = False,
+    provenance_record: Mapping[str, Any] | None = None,
+) -> Path:
     """Write input maps in the layout `read_maps` reads by default.
 
     ``counts`` goes to the primary HDU (EXTNAME ``COUNTS``; int32 when every value is an
     integer that fits, float64 otherwise), ``background`` to ``BACKGROUND`` and ``exposure``
     (when present) to ``EXPOSURE``, each with the WCS cards of ``attrs["wcs"]``. Values read back
-    by `read_maps` are identical. The write is atomic (see `atomic_output`).
+    by `read_maps` are identical. The write is atomic (see `atomic_output`). The primary header
+    records ``provenance_record`` (`cwtflow.provenance.provenance`; by default one without
+    inputs or command).
 
     Returns
     -------
@@ -304,6 +302,7 @@ def write_maps(data: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> 
     ]
     hdus[0].header["EXTNAME"] = "COUNTS"
     hdus[0].header["BUNIT"] = "count"
+    add_fits_cards(hdus[0].header, dict(provenance_record or provenance()))
     for name, unit in (("background", "count"), ("exposure", "cm2 s")):
         if name in data:
             hdu = fits.ImageHDU(
@@ -348,10 +347,18 @@ def _bookkeeping(header: fits.Header, name: str, kind: str, var: xr.Variable) ->
     header["VARATTRS"] = _to_json(dict(var.attrs), f"attrs of {name!r}")
 
 
-def _image_hdu(name: str, kind: str, var: xr.Variable, wcs_header: fits.Header) -> fits.ImageHDU:
-    values = np.asarray(var.values)
+def _stored_values(values: np.ndarray) -> np.ndarray:
+    """The array as stored: booleans as uint8, integral floats that fit as int32."""
     if values.dtype == bool:
-        values = values.astype(np.uint8)
+        return values.astype(np.uint8)
+    integral = values.dtype.kind == "f" and np.array_equal(values, np.round(values))
+    return values.astype(np.int32) if integral and np.all(np.abs(values) < 2**31) else values
+
+
+def _image_hdu(
+    name: str, kind: str, var: xr.Variable, wcs_header: fits.Header
+) -> fits.CompImageHDU:
+    values = _stored_values(np.asarray(var.values))
     header = wcs_header.copy()
     if var.ndim == 3:
         header["WCSAXES"] = 3
@@ -359,7 +366,16 @@ def _image_hdu(name: str, kind: str, var: xr.Variable, wcs_header: fits.Header) 
         header["CRPIX3"] = 1.0
         header["CRVAL3"] = 0.0
         header["CDELT3"] = 1.0
-    hdu = fits.ImageHDU(values, header=header, name=name.upper())
+    # lossless tile compression, tiles of about 64k pixels (whole rows)
+    rows = max(1, min(values.shape[-2], 65536 // values.shape[-1]))
+    hdu = fits.CompImageHDU(
+        values,
+        header=header,
+        name=name.upper(),
+        compression_type="RICE_1" if values.dtype.kind in "iu" else "GZIP_2",
+        quantize_level=0.0,
+        tile_shape=(1,) * (values.ndim - 2) + (rows, values.shape[-1]),
+    )
     _bookkeeping(hdu.header, name, kind, var)
     return hdu
 
@@ -393,7 +409,13 @@ def _primary_hdu(attrs: Mapping[str, Any]) -> fits.PrimaryHDU:
     return hdu
 
 
-def write_state(state: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> Path:
+def write_state(
+    state: xr.Dataset,
+    path: PathLike,
+    *,
+    overwrite: bool = False,
+    provenance_record: Mapping[str, Any] | None = None,
+) -> Path:
     """Write a CWT state (e.g. the result of `CWT.analyze`) to one FITS file.
 
     Parameters
@@ -404,23 +426,17 @@ def write_state(state: xr.Dataset, path: PathLike, *, overwrite: bool = False) -
         Its attrs must be JSON-representable (numbers, strings, booleans, None, lists, dicts;
         tuples come back as lists).
     path : path-like
-        Output file; ``.fits.gz`` is gzip-compressed.
+        Output file; ``.fits.gz`` is gzip-compressed as a whole.
     overwrite : bool
         Replace an existing file instead of refusing it.
+    provenance_record : dict, optional
+        `cwtflow.provenance.provenance` record for the primary header (by default one with
+        the date and package versions, no inputs or command).
 
-    Returns
-    -------
-    pathlib.Path
-        The file written. The layout is described in this module's docstring; the write is
-        atomic (`atomic_output`).
-
-    Raises
-    ------
-    InputError
-        ``state`` lacks a state variable, the scale coordinate or the WCS, or has attrs that
-        cannot be stored.
-    StoreError
-        The output exists (without ``overwrite``) or cannot be written.
+    Returns the file written (layout: this module's docstring; the write is atomic,
+    `atomic_output`). Raises `InputError` when ``state`` lacks a state variable, the scale
+    coordinate or the WCS, or has attrs that cannot be stored, and `StoreError` when the output
+    exists (without ``overwrite``) or cannot be written.
     """
     if not isinstance(state, xr.Dataset):
         raise InputError(f"expected a state xarray.Dataset, got {type(state).__name__}")
@@ -430,29 +446,42 @@ def write_state(state: xr.Dataset, path: PathLike, *, overwrite: bool = False) -
     wcs_from_attrs(state.attrs)
     check_output(path, overwrite=overwrite)
     wcs_header = _wcs_header(state.attrs)
-    imgs = images(state)
-    hdus: list[Any] = [_primary_hdu(state.attrs)]
-    for name in IMAGES:
-        kind = "data" if name in STATE_VARS else "derived"
-        hdus.append(_image_hdu(name, kind, imgs[name].variable, wcs_header))
-    for name in CUBES:
-        hdus.append(_image_hdu(name, "data", state[name].variable, wcs_header))
-    for name in CARRIED:
-        if name in state.data_vars:
+    primary = _primary_hdu(state.attrs)
+    add_fits_cards(primary.header, dict(provenance_record or provenance()))
+    lonlat = sky_coordinates(wcs_from_attrs(state.attrs), (state.sizes["y"], state.sizes["x"]))
+    rebuilt = {
+        c: dict(state[c].attrs)
+        for c, values in zip(("lon", "lat"), lonlat, strict=True)
+        if c in state.coords and np.array_equal(state[c].values, values)
+    }
+    if np.array_equal(_transform_2d(state), np.asarray(state["transform_2d"].values)):
+        rebuilt["transform_2d"] = dict(state["transform_2d"].attrs)
+    primary.header["CWTREBLT"] = (_to_json(rebuilt, "attrs"), "not stored: rebuilt, attrs")
+    hdus: list[Any] = [primary]
+    for name in (*STATE_VARS, *CARRIED):
+        if name in state.data_vars and name not in rebuilt:
             hdus.append(_image_hdu(name, "data", state[name].variable, wcs_header))
     scale = state["scale"].variable
+    hdus += [
+        _image_hdu(c, "coord", state[c].variable, wcs_header)
+        for c in ("lon", "lat")
+        if c in state.coords and c not in rebuilt
+    ]
     table = fits.BinTableHDU.from_columns(
         [fits.Column(name="SCALE", format="D", unit=scale.attrs.get("units"), array=scale.values)],
         name="SCALES",
     )
     _bookkeeping(table.header, "scale", "coord", scale)
     hdus.append(table)
-    for name in ("lon", "lat"):
-        if name in state.coords:
-            hdus.append(_image_hdu(name, "coord", state[name].variable, wcs_header))
     with atomic_output(path, overwrite=overwrite) as tmp:
         fits.HDUList(hdus).writeto(tmp)
     return Path(path).expanduser()
+
+
+def _transform_2d(state: xr.Dataset | dict[str, xr.Variable]) -> np.ndarray:
+    """``sum_i S_i T_i`` of the state's cubes, as `cwtflow.core.update_model` computes it."""
+    support, transform = (np.asarray(state[n].values) for n in ("support", "transform_3d"))
+    return update_model(np.zeros(support.shape[1:]), support, transform)[0]
 
 
 def _json_card(header: fits.Header, key: str, label: str) -> Any:
@@ -504,6 +533,15 @@ def read_state(path: PathLike) -> xr.Dataset:
                 raise StoreError(f"cannot read HDU {hdu.name} of {path.name}: {exc}") from None
             target = coords if kind == "coord" else data_vars
             target[name] = xr.Variable(dims, values, var_attrs)
+        rebuilt = _json_card(primary, "CWTREBLT", path.name) if "CWTREBLT" in primary else {}
+        if "transform_2d" in rebuilt and {"support", "transform_3d"} <= data_vars.keys():
+            t2 = _transform_2d(data_vars)
+            data_vars["transform_2d"] = xr.Variable(("y", "x"), t2, rebuilt["transform_2d"])
+        if {"lon", "lat"} & rebuilt.keys() and "counts" in data_vars:
+            lonlat = sky_coordinates(wcs_from_attrs(attrs), data_vars["counts"].shape)
+            for name, values in zip(("lon", "lat"), lonlat, strict=True):
+                if name in rebuilt:
+                    coords[name] = xr.Variable(("y", "x"), values, rebuilt[name])
     missing = [name for name in (*STATE_VARS, "scale") if name not in {*data_vars, *coords}]
     if missing:
         raise StoreError(f"{path.name} is not a complete cwtflow state: no HDU for {missing}")
