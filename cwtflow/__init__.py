@@ -22,11 +22,12 @@ from .errors import (
     StoreError,
 )
 from .history import History, open_history, read_result
-from .io import read_maps, read_state, write_maps, write_state
+from .io import read_maps, write_maps
 from .iteration import IterationInfo
 from .kernels import CWTKernels
 from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
 from .simulate import simulate_sky
+from .state_files import read_state, write_state
 from .store_catalog import read_store_catalog, write_store_catalog
 from .survey import Survey, SurveyResult, run_survey
 from .version import __version__

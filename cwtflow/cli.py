@@ -6,61 +6,63 @@ A thin layer over the public API: options are turned into API calls by the build
 Every error cwtflow raises on purpose (`CWTFlowError`), every OS error on a path and every usage
 error ends the program with one line on stderr and exit code 1 (2 for usage errors), without a
 traceback; outputs are checked before any work starts, so a refused run writes nothing.
+
+Log lines (per-iteration statistics, the cluster, warnings) go through Python `logging`
+(logger ``cwtflow``) to stderr, at the level of ``--quiet`` / ``--verbose`` (given before or
+after the command); stdout carries only the ``wrote ...`` result lines. Progress bars are drawn
+only on a terminal.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import json
 import sys
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import astropy.units as u
 import click
-import xarray as xr
 from astropy.table import Table
-from tqdm import tqdm
 
 from .analysis import state_metrics
+from .cli_demo import DEMO_FILES, demo
 from .cli_options import (
     CATALOG_DEFAULTS,
-    analyze_kwargs,
     build_cwt,
     check_result,
     cwt_options,
     load_maps,
+    log_options,
     map_options,
     output_options,
+    recorded_options,
+    resume_options,
     write_result,
 )
-from .engine import CWT
+from .cli_run import (
+    analyze,
+    command_line,
+    logged_warnings,
+    one_line,
+    setup_logging,
+    summary,
+)
 from .errors import CWTFlowError, InputError, StoreError
 from .formats import catalog_format, is_store, result_format
-from .io import check_output, read_state, write_maps
+from .io import check_output
 from .iteration import IterationInfo, iteration_table
 from .kernels import CWTKernels
+from .provenance import provenance
+from .state_files import read_state
 
-__all__ = ["cli", "main"]
+__all__ = ["DEMO_FILES", "cli", "main"]
 
-#: Files `cwtflow demo` writes into its output folder.
-DEMO_FILES = {
-    "maps": "demo-maps.fits",
-    "sources": "demo-sources.ecsv",
-    "result": "demo-result.fits",
-    "plot": "demo-result.png",
-}
 # --------------------------------------------------------------------------------------------
 # Error handling: one line on stderr, no traceback
 
 
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
-
-
 def _fail(message: str, code: int = 1) -> int:
-    click.echo(f"cwtflow: error: {_one_line(message)}", err=True)
+    click.echo(f"cwtflow: error: {one_line(message)}", err=True)
     return code
 
 
@@ -71,6 +73,14 @@ def _os_message(exc: OSError) -> str:
 
 class _Group(click.Group):
     """A click group whose ``main`` turns expected errors into one line on stderr."""
+
+    def make_context(  # type: ignore[override]
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> click.Context:
+        argv = ["cwtflow", *args]
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["cwtflow.argv"] = argv
+        return ctx
 
     def main(  # type: ignore[override]
         self,
@@ -99,66 +109,22 @@ class _Group(click.Group):
         return code
 
 
-def _format_info(info: IterationInfo) -> str:
-    ratio = "n/a" if math.isnan(info.variance_ratio) else f"{info.variance_ratio:.3e}"
-    flag = " (converged)" if info.converged else ""
-    return (
-        f"iteration {info.iteration}: residual variance {info.residual_variance:.6g}, "
-        f"variance ratio {ratio}, support {info.support_size} pixels{flag}"
-    )
-
-
-def _analyze(cwt: CWT, data: xr.Dataset, options: Mapping[str, Any]) -> xr.Dataset:
-    """Run `CWT.analyze` with log lines and a progress bar on stderr (unless ``--quiet``)."""
-    quiet = options["quiet"]
-    with tqdm(
-        total=cwt.max_iter,
-        desc="CWT",
-        unit="it",
-        file=sys.stderr,
-        disable=True if quiet else None,
-        leave=False,
-    ) as bar:
-
-        def report(info: IterationInfo) -> None:
-            if not quiet:
-                tqdm.write(_format_info(info), file=sys.stderr)
-            bar.update(1)
-
-        with _cluster(options, quiet=quiet) as client:
-            return cwt.analyze(data, callback=report, client=client, **analyze_kwargs(options))
-
-
-@contextlib.contextmanager
-def _cluster(options: Mapping[str, Any], *, quiet: bool) -> Iterator[Any]:
-    """The dask client of ``--scheduler`` / ``--workers`` (None without either: dask's threaded
-    scheduler in this process), with the cluster line and a task progress bar on stderr."""
-    from .cluster import TaskProgress, open_client
-
-    echo = None if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
-    scheduler, workers = options.get("scheduler"), options.get("workers")
-    with open_client(scheduler=scheduler, workers=workers, echo=echo) as client:
-        if client is None:
-            yield None
-            return
-        with TaskProgress(client, file=sys.stderr, disable=quiet):
-            yield client
-
-
-def _summary(state: xr.Dataset) -> str:
-    converged = "converged" if state.attrs.get("converged") else "not converged"
-    support = state.attrs.get("support_size", "?")
-    return f"{state.attrs.get('iterations', '?')} iterations, {converged}, support {support} pixels"
-
-
 # --------------------------------------------------------------------------------------------
 # Commands
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cwtflow")
-def cli() -> None:
-    """Find gamma-ray sources in sky maps with the iterative CWT filter."""
+@log_options
+def cli(quiet: bool, verbose: bool) -> None:
+    """Find gamma-ray sources in sky maps with the iterative CWT filter.
+
+    Log lines go to stderr (--quiet: warnings and errors only; --verbose: debug lines too;
+    also accepted after the command); result lines ('wrote ...') to stdout.
+    """
+
+
+cli.add_command(demo)
 
 
 @cli.command()
@@ -168,11 +134,21 @@ def cli() -> None:
     "-o",
     required=True,
     type=click.Path(path_type=Path),
-    help="Result file (.fits), or zarr history store (.zarr) receiving every iteration.",
+    help="Result file (.fits), or zarr store (.zarr) of the run: its inputs and its newest "
+    "complete iteration (all of them with --keep-history), written as the run goes.",
 )
 @click.option("--plot", type=click.Path(path_type=Path), help="Also save the images (.png/.pdf).")
 @click.option(
-    "--resume", is_flag=True, help="Continue the run in the --out .zarr store where it stopped."
+    "--keep-history",
+    is_flag=True,
+    help="Keep every iteration in the --out .zarr store (default: only the newest; the "
+    "statistics of every iteration are kept either way).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in the --out .zarr store where it stopped, with its parameters and "
+    "input options (an option given again must agree; --max-iter may be raised).",
 )
 @click.option(
     "--chunks",
@@ -198,11 +174,23 @@ def cli() -> None:
 @map_options
 @cwt_options
 @output_options
-def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
-    """Run the CWT on MAPS (a FITS file with counts and background) and write the result."""
+@log_options
+@click.pass_context
+def run(ctx: click.Context, maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
+    """Run the CWT on MAPS (a FITS file with counts and background) and write the result.
+
+    The result records its provenance: date, command line, input files with their sha256 and
+    package versions (FITS primary header; store root attr 'provenance').
+    """
+    quiet = setup_logging(ctx, options)
     out = check_result(out, overwrite=options["overwrite"], resume=options["resume"])
-    if result_format(out) == "zarr":
+    store = result_format(out) == "zarr"
+    if store:
+        if options["resume"]:
+            options = resume_options(ctx, options, out)
         options["store"] = out
+    elif options["keep_history"]:
+        raise click.UsageError("--keep-history needs a zarr store output (--out run.zarr)")
     if plot is not None:
         from .plotting import plot_format
 
@@ -210,9 +198,14 @@ def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
         plot_format(plot)  # a suffix matplotlib can write, refused before any work
     cwt = build_cwt(options)
     data = load_maps(maps, options)
-    state = _analyze(cwt, data, options)
-    write_result(state, out, overwrite=options["overwrite"])
-    click.echo(f"wrote {out} ({_summary(state)})")
+    record = {**provenance([maps], command_line()), "options": recorded_options(options)}
+    on_iteration = (lambda info: _store_provenance(out, record)) if store else None
+    state = analyze(cwt, data, options, quiet=quiet, on_iteration=on_iteration)
+    if store:
+        _store_provenance(out, record)
+    else:
+        write_result(state, out, overwrite=options["overwrite"], provenance_record=record)
+    click.echo(f"wrote {out} ({summary(state)})")
     if plot is not None:
         from .plotting import plot_images
 
@@ -220,79 +213,24 @@ def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
         click.echo(f"wrote {plot}")
 
 
-def _check_folder(folder: Path, names: list[str], *, overwrite: bool) -> None:
-    """The output folder (or its nearest existing ancestor) can take ``names``."""
-    if folder.exists():
-        for name in names:
-            check_output(folder / name, overwrite=overwrite, hint="--overwrite")
-        return
-    ancestor = folder
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise StoreError(f"cannot create output folder {folder}: {ancestor} is not a folder")
-    check_output(ancestor / names[0], overwrite=True)
+def _store_provenance(path: Path, record: dict[str, Any]) -> None:
+    """Put ``record`` into the store's root attrs (``provenance``; the records of earlier
+    commands that wrote the store, e.g. before a resume, under ``earlier``) and consolidate
+    the store's metadata."""
+    import zarr
 
+    from .store import json_value
+    from .store_meta import consolidate
 
-@cli.command()
-@click.option(
-    "--out",
-    "-o",
-    "folder",
-    type=click.Path(path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="Output folder (created if missing).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the sky.")
-@click.option(
-    "--size",
-    nargs=2,
-    type=click.IntRange(min=1),
-    default=(200, 400),
-    show_default=True,
-    metavar="NY NX",
-    help="Map size in pixels.",
-)
-@click.option(
-    "--n-sources",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Number of sources (default: one per 3200 pixels).",
-)
-@cwt_options
-@output_options
-def demo(folder: Path, seed: int, size: tuple[int, int], n_sources: int | None, **options: Any):
-    """Simulate a sky with known sources, run the CWT on it and write maps, true sources,
-    result and a PNG of the result's images."""
-    from .plotting import plot_images
-    from .simulate import simulate_sky
-
-    paths = {key: folder / name for key, name in DEMO_FILES.items()}
-    _check_folder(folder, list(DEMO_FILES.values()), overwrite=options["overwrite"])
-    cwt = build_cwt(options)
-    data, sources = simulate_sky(tuple(size), n_sources=n_sources, seed=seed)
-    state = _analyze(cwt, data, options)
-    folder.mkdir(parents=True, exist_ok=True)
-    overwrite = options["overwrite"]
-    write_maps(data, paths["maps"], overwrite=overwrite)
-    click.echo(
-        f"wrote {paths['maps']} (simulated counts, background, exposure; {size[0]} x "
-        f"{size[1]} pixels, seed {seed})"
-    )
-    _write_table(sources, paths["sources"], overwrite=overwrite)
-    click.echo(f"wrote {paths['sources']} ({len(sources)} true sources)")
-    write_result(state, paths["result"], overwrite=overwrite)
-    click.echo(f"wrote {paths['result']} ({_summary(state)})")
-    plot_images(state, paths["plot"])
-    click.echo(f"wrote {paths['plot']}")
-
-
-def _write_table(table: Table, path: Path, *, overwrite: bool) -> None:
-    from .io import atomic_output
-
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        table.write(tmp, format="ascii.ecsv")
+    root = zarr.open_group(str(path), mode="r+")
+    old = root.attrs.get("provenance")
+    if isinstance(old, dict) and old.get("date") and "earlier" not in record:
+        previous = [*old.get("earlier", []), {k: old.get(k) for k in ("date", "command")}]
+        record["earlier"] = previous
+    record.setdefault("earlier", [])
+    if old != json_value(record):
+        root.attrs.update({"provenance": json_value(record)})
+    consolidate(path)
 
 
 def _echo_table(title: str, table: Table) -> None:
@@ -380,25 +318,45 @@ def info(result: Path) -> None:
     default=CATALOG_DEFAULTS["min_separation"],
     help="Peaks closer than this (pixels) are one source (default: smallest wavelet width).",
 )
+@click.option(
+    "--recompute",
+    is_flag=True,
+    help="Find the sources again even though the .zarr RESULT keeps a catalog (replacing "
+    "the kept one needs --overwrite).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **options: Any):
+@log_options
+@click.pass_context
+def catalog(
+    ctx: click.Context,
+    result: Path,
+    out: Path,
+    regions: Path | None,
+    maps: Path | None,
+    **options: Any,
+) -> None:
     """Find the sources in a RESULT (.fits from `cwtflow run`, or a .zarr store) and write
-    them as a FITS or ECSV catalog (and DS9 regions). A .zarr store also keeps the catalog,
-    next to its history (group 'catalog')."""
-    import warnings
+    them as a FITS or ECSV catalog (and DS9 regions with --regions).
 
+    A .zarr store also keeps the catalog, next to its history (group 'catalog'). Once it does,
+    the kept catalog is written out again without recomputing it, unless a catalog option
+    (--min-significance, --psf-sigma, --deblend, --contrast, --min-separation, --maps) is
+    given or --recompute: then the sources are found again, and replacing the kept catalog
+    needs --overwrite.
+    """
     from .catalog_files import write_catalog, write_regions
-    from .store_catalog import catalog_of_result, write_store_catalog
+    from .store_catalog import catalog_of_result, read_store_catalog, write_store_catalog
+    from .store_meta import consolidate
 
+    setup_logging(ctx, options)
     try:
         catalog_format(out, regions=False)
     except InputError as exc:
         raise click.UsageError(f"--out: {exc} (region files: --regions)") from None
-    overwrite = options.pop("overwrite")
+    overwrite, recompute = options.pop("overwrite"), options.pop("recompute")
     check_output(out, overwrite=overwrite, hint="--overwrite")
     if regions is not None:
         check_output(regions, overwrite=overwrite, hint="--overwrite")
-    psf = options.pop("psf_sigma")
     from .survey_store import is_survey_store
 
     if is_survey_store(result):
@@ -412,21 +370,39 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
             write_regions(table, regions, overwrite=overwrite)
             click.echo(f"wrote {regions}")
         return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        table, in_store = catalog_of_result(
-            result,
-            exposure_maps=maps,
-            overwrite=overwrite,
-            psf_sigma=None if psf is None else psf * u.deg,
-            **options,
-        )
-    for warning in caught:
-        click.echo(f"cwtflow: warning: {_one_line(str(warning.message))}", err=True)
+    given = [
+        name
+        for name in ("maps", *options)
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    kept = read_store_catalog(result) if is_store(result) else None
+    if kept is not None and not given and not recompute:
+        table, in_store = kept, False
+        source = f", the catalog kept in {result}"
+    else:
+        if kept is not None and not overwrite:
+            what = ", ".join(f"--{n.replace('_', '-')}" for n in given) or "--recompute"
+            raise StoreError(
+                f"{result} keeps a catalog; {what} would replace it: add --overwrite (or leave "
+                "out the catalog options to write the kept catalog)"
+            )
+        psf = options.pop("psf_sigma")
+        with logged_warnings():
+            table, in_store = catalog_of_result(
+                result,
+                exposure_maps=maps,
+                overwrite=overwrite,
+                psf_sigma=None if psf is None else psf * u.deg,
+                **options,
+            )
+        source = ""
+    inputs = [result] if maps is None else [result, maps]
+    table.meta["CWTPROV"] = json.dumps(provenance(inputs, command_line()))
     write_catalog(table, out, overwrite=overwrite)
-    click.echo(f"wrote {out} ({len(table)} sources)")
+    click.echo(f"wrote {out} ({len(table)} sources{source})")
     if in_store:
         write_store_catalog(result, table, overwrite=overwrite)
+        consolidate(result)
         click.echo(f"kept the catalog in {result} (group 'catalog')")
     if regions is not None:
         write_regions(table, regions, overwrite=overwrite)

@@ -14,17 +14,20 @@ from typing import Any
 
 import astropy.units as u
 import click
+import numpy as np
 import xarray as xr
 from astropy.coordinates import SkyCoord
+from astropy.nddata import Cutout2D
 from astropy.wcs.utils import wcs_to_celestial_frame
 
 from .catalog import find_sources
 from .engine import CWT
 from .errors import StoreError
 from .formats import result_format
-from .io import check_output, read_maps, write_state
+from .io import check_output, read_maps
 from .kernels import MAX_N_SCALE, MIN_SCALE, CWTKernels
 from .maps import cutout, map_center, wcs_from_attrs
+from .state_files import write_state
 
 __all__ = [
     "CATALOG_DEFAULTS",
@@ -34,8 +37,12 @@ __all__ = [
     "check_result",
     "cwt_options",
     "load_maps",
+    "log_options",
+    "make_cwt_options",
     "map_options",
     "output_options",
+    "recorded_options",
+    "resume_options",
     "write_result",
 ]
 
@@ -63,6 +70,15 @@ CWT_DEFAULTS = _defaults(CWT.__init__)
 #: Catalog defaults, read from `find_sources` alike.
 CATALOG_DEFAULTS = _defaults(find_sources)
 _WRAP = {"auto": None, "yes": True, "no": False}
+#: CLI option name -> API default (the option names that differ from the API's keywords).
+_CLI_DEFAULTS = {
+    "max_iter": CWT_DEFAULTS["max_iter"],
+    "tol": CWT_DEFAULTS["tol"],
+    "threshold": CWT_DEFAULTS["significance_threshold"],
+    "island_threshold": CWT_DEFAULTS["significance_island_threshold"],
+    "remove_isolated": CWT_DEFAULTS["remove_isolated"],
+    "fft_workers": CWT_DEFAULTS["fft_workers"],
+}
 
 
 def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
@@ -74,84 +90,90 @@ def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     return decorate
 
 
-cwt_options = _apply(
-    [
-        click.option(
-            "--n-scale",
-            type=click.IntRange(min=1, max=MAX_N_SCALE),
-            default=KERNEL_DEFAULTS["n_scale"],
-            show_default=True,
-            help="Number of wavelet scales.",
-        ),
-        click.option(
-            "--min-scale",
-            type=click.FloatRange(min=MIN_SCALE),
-            default=KERNEL_DEFAULTS["min_scale"],
-            show_default=True,
-            help=f"Smallest scale (pixels, at least {MIN_SCALE}).",
-        ),
-        click.option(
-            "--step-scale",
-            type=click.FloatRange(min=1, min_open=True),
-            default=KERNEL_DEFAULTS["step_scale"],
-            show_default=True,
-            help="Ratio between successive scales.",
-        ),
-        click.option(
-            "--max-iter",
-            type=click.IntRange(min=1),
-            default=CWT_DEFAULTS["max_iter"],
-            show_default=True,
-            help="Maximum number of iterations.",
-        ),
-        click.option(
-            "--tol",
-            type=click.FloatRange(min=0),
-            default=CWT_DEFAULTS["tol"],
-            show_default=True,
-            help="Stop when the residual variance changes by less than this (relative).",
-        ),
-        click.option(
-            "--threshold",
-            type=float,
-            default=CWT_DEFAULTS["significance_threshold"],
-            show_default=True,
-            help="Significance threshold of the support.",
-        ),
-        click.option(
-            "--island-threshold",
-            type=float,
-            default=CWT_DEFAULTS["significance_island_threshold"],
-            help="Drop support components whose peak significance is below this.",
-        ),
-        click.option(
-            "--remove-isolated/--keep-isolated",
-            default=CWT_DEFAULTS["remove_isolated"],
-            show_default=True,
-            help="Drop one-pixel support components.",
-        ),
-        click.option(
-            "--wrap-lon",
-            type=click.Choice(list(_WRAP)),
-            default="auto",
-            show_default=True,
-            help="Periodic longitude (auto: for CAR maps spanning 360 deg).",
-        ),
-        click.option(
-            "--fft-workers",
-            type=click.IntRange(min=1),
-            default=CWT_DEFAULTS["fft_workers"],
-            show_default=True,
-            help="Threads per FFT.",
-        ),
-        click.option(
-            "--float32",
-            is_flag=True,
-            help="Compute in float32: half the memory and bytes stored, faster; float64 (the "
-            "default) is the exact path.",
-        ),
-    ]
-)
+def make_cwt_options(**defaults: Any) -> Callable[[Any], Any]:
+    """The CWT options, with ``defaults`` (option name -> value) replacing the API's."""
+    d = {**KERNEL_DEFAULTS, **_CLI_DEFAULTS, **defaults}
+    return _apply(
+        [
+            click.option(
+                "--n-scale",
+                type=click.IntRange(min=1, max=MAX_N_SCALE),
+                default=d["n_scale"],
+                show_default=True,
+                help="Number of wavelet scales.",
+            ),
+            click.option(
+                "--min-scale",
+                type=click.FloatRange(min=MIN_SCALE),
+                default=d["min_scale"],
+                show_default=True,
+                help=f"Smallest scale (pixels, at least {MIN_SCALE}).",
+            ),
+            click.option(
+                "--step-scale",
+                type=click.FloatRange(min=1, min_open=True),
+                default=d["step_scale"],
+                show_default=True,
+                help="Ratio between successive scales.",
+            ),
+            click.option(
+                "--max-iter",
+                type=click.IntRange(min=1),
+                default=d["max_iter"],
+                show_default=True,
+                help="Maximum number of iterations.",
+            ),
+            click.option(
+                "--tol",
+                type=click.FloatRange(min=0),
+                default=d["tol"],
+                show_default=True,
+                help="Stop when the residual variance changes by less than this (relative).",
+            ),
+            click.option(
+                "--threshold",
+                type=float,
+                default=d["threshold"],
+                show_default=True,
+                help="Significance threshold of the support.",
+            ),
+            click.option(
+                "--island-threshold",
+                type=float,
+                default=d["island_threshold"],
+                help="Drop support components whose peak significance is below this.",
+            ),
+            click.option(
+                "--remove-isolated/--keep-isolated",
+                default=d["remove_isolated"],
+                show_default=True,
+                help="Drop one-pixel support components.",
+            ),
+            click.option(
+                "--wrap-lon",
+                type=click.Choice(list(_WRAP)),
+                default="auto",
+                show_default=True,
+                help="Periodic longitude (auto: for CAR maps spanning 360 deg).",
+            ),
+            click.option(
+                "--fft-workers",
+                type=click.IntRange(min=1),
+                default=d["fft_workers"],
+                show_default=True,
+                help="Threads per FFT.",
+            ),
+            click.option(
+                "--float32",
+                is_flag=True,
+                help="Compute in float32: half the memory and bytes stored, faster; float64 "
+                "(the default) is the exact path.",
+            ),
+        ]
+    )
+
+
+cwt_options = make_cwt_options()
 
 map_options = _apply(
     [
@@ -186,9 +208,18 @@ map_options = _apply(
 output_options = _apply(
     [
         click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+    ]
+)
+
+log_options = _apply(
+    [
         click.option(
-            "--quiet", "-q", is_flag=True, help="No per-iteration log lines or progress bar."
+            "--quiet",
+            "-q",
+            is_flag=True,
+            help="Log only warnings and errors: no per-iteration lines or progress bars.",
         ),
+        click.option("--verbose", "-v", is_flag=True, help="Log debug lines too."),
     ]
 )
 
@@ -211,6 +242,7 @@ def build_cwt(options: Mapping[str, Any]) -> CWT:
         significance_threshold=options["threshold"],
         significance_island_threshold=options["island_threshold"],
         remove_isolated=options["remove_isolated"],
+        keep_history=bool(options.get("keep_history")),
         wrap_lon=_WRAP[options["wrap_lon"]],
         fft_workers=options["fft_workers"],
         dtype="float32" if options.get("float32") else "float64",
@@ -253,7 +285,20 @@ def load_maps(path: Path, options: Mapping[str, Any]) -> xr.Dataset:
         frame = wcs_to_celestial_frame(wcs_from_attrs(data.attrs))
         lon, lat = options["center"]
         position = SkyCoord(lon * u.deg, lat * u.deg, frame=frame)
-    return cutout(data, position, options["width"] * u.deg)
+    width = options["width"] * u.deg
+    cut = cutout(data, position, width)
+    shape = (data.sizes["y"], data.sizes["x"])
+    wcs = wcs_from_attrs(data.attrs)
+    asked = Cutout2D(np.zeros(shape, bool), position, width[::-1], wcs=wcs, mode="partial")
+    if asked.shape != (cut.sizes["y"], cut.sizes["x"]):
+        lon, lat = (abs(float(d)) * n for d, n in zip(wcs.wcs.cdelt, shape[::-1], strict=True))
+        raise click.UsageError(
+            f"--width {options['width'][0]:g} {options['width'][1]:g} does not fit in the map "
+            f"({shape[1]} x {shape[0]} pixels, about {lon:g} x {lat:g} deg) around the cutout "
+            f"centre: it would be trimmed to {cut.sizes['x']} x {cut.sizes['y']} pixels; ask "
+            "for a smaller width"
+        )
+    return cut
 
 
 def check_result(path: Path, *, overwrite: bool, resume: bool = False) -> Path:
@@ -273,9 +318,90 @@ def check_result(path: Path, *, overwrite: bool, resume: bool = False) -> Path:
     return check_output(path, overwrite=overwrite, hint="--overwrite")
 
 
-def write_result(state: xr.Dataset, path: Path, *, overwrite: bool) -> Path:
+def write_result(
+    state: xr.Dataset,
+    path: Path,
+    *,
+    overwrite: bool,
+    provenance_record: Mapping[str, Any] | None = None,
+) -> Path:
     """Write the final state to ``path`` in the format its suffix names (a zarr store already
-    holds it: `CWT.analyze` wrote every iteration there)."""
+    holds it: `CWT.analyze` wrote it there), with its provenance."""
     if result_format(path) == "zarr":
         return path
-    return write_state(state, path, overwrite=overwrite)
+    return write_state(state, path, overwrite=overwrite, provenance_record=provenance_record)
+
+
+#: Stored run parameter -> CLI option (name in the command's options).
+PARAMETER_OPTIONS = {
+    "n_scale": "n_scale",
+    "min_scale": "min_scale",
+    "step_scale": "step_scale",
+    "max_iter": "max_iter",
+    "tol": "tol",
+    "significance_threshold": "threshold",
+    "significance_island_threshold": "island_threshold",
+    "remove_isolated": "remove_isolated",
+    "keep_history": "keep_history",
+    "wrap_lon": "wrap_lon",
+    "dtype": "float32",
+}
+#: Options of ``cwtflow run`` recorded in the store (root attr ``provenance["options"]``) so
+#: that ``--resume`` reads the same input pixels.
+INPUT_OPTIONS = ("counts_hdu", "background_hdu", "exposure_hdu", "center", "width", "chunks")
+#: Parameters a resumed run may change.
+RESUMABLE = ("max_iter",)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _comparable(name: str, value: Any) -> Any:
+    if name == "float32" and isinstance(value, str):  # the stored dtype
+        return value == "float32"
+    if name == "wrap_lon" and not isinstance(value, str):
+        return {v: k for k, v in _WRAP.items()}[value]
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def resume_options(ctx: click.Context, options: dict[str, Any], store: Path) -> dict[str, Any]:
+    """``options`` of ``cwtflow run --resume`` completed from the run held by ``store``.
+
+    Options left at their defaults take the store's values (run parameters from the root attrs
+    ``parameters``, input options from ``provenance["options"]``); an option given on the
+    command line must agree with the store (only ``--max-iter`` may differ), else a
+    `click.UsageError` names it. A store without cwtflow root attrs is left to the run's own
+    checks.
+    """
+    from .store import open_group
+
+    root = open_group(store)
+    attrs = dict(root.attrs) if root is not None else {}
+    stored = {
+        PARAMETER_OPTIONS[k]: v
+        for k, v in dict(attrs.get("parameters") or {}).items()
+        if k in PARAMETER_OPTIONS
+    }
+    recorded = dict((attrs.get("provenance") or {}).get("options") or {})
+    stored.update({k: v for k, v in recorded.items() if k in INPUT_OPTIONS})
+    out = dict(options)
+    for name, value in stored.items():
+        value = _comparable(name, value)
+        explicit = ctx.get_parameter_source(name) not in (
+            click.core.ParameterSource.DEFAULT,
+            None,
+        )
+        if not explicit:
+            out[name] = tuple(value) if isinstance(value, list) else value
+        elif name not in RESUMABLE and _comparable(name, options[name]) != value:
+            raise click.UsageError(
+                f"{_flag(name)} {_comparable(name, options[name])!r} differs from the run in "
+                f"{store} ({value!r}); leave it out to continue that run"
+            )
+    return out
+
+
+def recorded_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The input options of ``cwtflow run`` to record in a store (see `INPUT_OPTIONS`)."""
+    return {k: _comparable(k, options.get(k)) for k in INPUT_OPTIONS}

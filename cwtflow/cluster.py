@@ -399,7 +399,10 @@ class TaskProgress:
     desc : str
         Label of the bar.
     disable : bool
-        Show nothing (the counts are still kept).
+        Show nothing (the counts are still kept). The CLI disables the bar when stderr is
+        not a terminal, so that a log file gets no ``\\r`` updates.
+
+    `restart` starts a new bar counting from the tasks seen so far (one bar per iteration).
     """
 
     def __init__(
@@ -423,16 +426,27 @@ class TaskProgress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar: Any = None
+        self._base = (0, 0)  # (done, total) when the current bar started
 
     def poll(self) -> tuple[int, int, int]:
         """Ask the scheduler for (done, scheduled, erred) and update the bar."""
         done, total, erred = self.client.run_on_scheduler(_plugin_counts, self.name)
         self.done, self.total, self.erred = done, total, erred
         if self._bar is not None:
-            self._bar.total = total
-            self._bar.n = done
+            self._bar.total = total - self._base[1]
+            self._bar.n = done - self._base[0]
             self._bar.refresh()
         return done, total, erred
+
+    def restart(self, desc: str | None = None) -> None:
+        """Close the bar and open a new one (labelled ``desc``) for the tasks to come."""
+        from tqdm.auto import tqdm
+
+        if self._bar is not None:
+            self._bar.close()
+        self._base = (self.done, self.total)
+        self.desc = desc or self.desc
+        self._bar = tqdm(total=0, desc=self.desc, unit="task", file=self.file, disable=self.disable)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -440,10 +454,8 @@ class TaskProgress:
                 self.poll()
 
     def __enter__(self) -> TaskProgress:
-        from tqdm.auto import tqdm
-
         self.client.register_plugin(_TaskCounter(), name=self.name)
-        self._bar = tqdm(total=0, desc=self.desc, unit="task", file=self.file, disable=self.disable)
+        self.restart()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return self

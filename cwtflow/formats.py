@@ -1,6 +1,6 @@
 """File formats by name: the one place that maps a path's suffix to what cwtflow writes there.
 
-- results (`cwtflow run --out`): FITS (`cwtflow.io.write_state`) or a zarr store (a run's
+- results (`cwtflow run --out`): FITS (`cwtflow.state_files.write_state`) or a zarr store (a run's
   history, `cwtflow.store_writer`);
 - catalogs (`cwtflow.catalog_files`): FITS or ECSV tables, DS9 region files.
 

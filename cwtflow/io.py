@@ -1,24 +1,11 @@
-"""FITS storage: input sky maps in and out, CWT states out and back, atomic file writes.
-
-Layout of a state file written by `write_state` (HDU order)::
-
-    PRIMARY        no data; run summary cards (ITERS, CONVERGD, NSCALE, ... RESVARn) and
-                   CWTATTRS, the state's attrs as JSON (the source `read_state` uses)
-    COUNTS ... SUPPORT_2D   the ten 2-D images of `cwtflow.state.IMAGES`, in that order
-                   (derived ones included; booleans stored as unsigned bytes)
-    TRANSFORM_3D, ERROR, SUPPORT   the (scale, y, x) cubes; third FITS axis = scale index
-    SCALES         binary table, column SCALE: the scale values (pixels)
-    LON, LAT       pixel-centre sky coordinates (deg), stored so the round trip is exact
-
-Every image HDU carries the map's WCS cards, ``BUNIT`` and bookkeeping cards (``CWTVAR``,
-``CWTKIND``, ``CWTDIMS``, ``CWTDTYPE``, ``VARATTRS``) that let `read_state` rebuild the Dataset
-exactly. Derived images are written for FITS viewers and ignored on reading.
+"""FITS input maps in and out (`read_maps`, `write_maps`), and atomic file writes
+(`check_output`, `atomic_output`) for every file cwtflow writes. CWT states have their own
+FITS layout: `cwtflow.state_files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import secrets
@@ -33,19 +20,18 @@ import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 
-from .analysis import images
 from .errors import InputError, ParameterError, StoreError
-from .maps import make_maps, validate_maps, wcs_from_attrs
-from .state import CARRIED, CUBES, IMAGES, STATE_VARS
-from .version import __version__
+from .maps import make_maps, validate_maps
+from .provenance import add_fits_cards, provenance
 
 __all__ = [
     "atomic_output",
     "check_output",
+    "existing_file",
+    "open_fits",
     "read_maps",
-    "read_state",
+    "wcs_header",
     "write_maps",
-    "write_state",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -62,23 +48,12 @@ _WCS_KEYS = ("CTYPE", "CUNIT", "CRPIX", "CRVAL", "CDELT", "PC", "CD", "LONPOLE",
 
 
 def check_output(path: PathLike, *, overwrite: bool = False, hint: str = "overwrite=True") -> Path:
-    """Check that ``path`` can receive a new file and return it as a `Path`.
+    """Check that ``path`` can receive a new file (replacing an existing one only with
+    ``overwrite``) and return it as a `Path`. ``hint`` is how the caller enables overwriting,
+    quoted in the error message (the CLI says ``--overwrite``).
 
-    Parameters
-    ----------
-    path : path-like
-        File to be written.
-    overwrite : bool
-        Allow replacing an existing file.
-    hint : str
-        How the caller enables overwriting, quoted in the error message (the CLI says
-        ``--overwrite``).
-
-    Raises
-    ------
-    StoreError
-        The folder does not exist or is not a folder, the path is a folder, or the file exists
-        and ``overwrite`` is false.
+    Raises `StoreError` when the folder does not exist or is not a folder, the path is a
+    folder, or the file exists and ``overwrite`` is false.
     """
     path = Path(path).expanduser()
     parent = path.parent
@@ -127,10 +102,10 @@ def atomic_output(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 #: What a damaged file raises from inside astropy or gzip while it is read (lazily).
-_READ_ERRORS = (OSError, EOFError, zlib.error)
+READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
-def _existing_file(path: PathLike, error: type[Exception]) -> Path:
+def existing_file(path: PathLike, error: type[Exception]) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise error(f"path must be a file name, got {type(path).__name__}")
     path = Path(path).expanduser()
@@ -141,10 +116,10 @@ def _existing_file(path: PathLike, error: type[Exception]) -> Path:
     return path
 
 
-def _open_fits(path: Path, error: type[Exception]) -> fits.HDUList:
+def open_fits(path: Path, error: type[Exception]) -> fits.HDUList:
     try:
         return fits.open(path, memmap=False)
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise error(f"cannot read {path} as FITS: {exc}") from None
 
 
@@ -205,7 +180,7 @@ def _read_image(
         raise InputError(f"{role} HDU {label!r} is a {type(hdu).__name__}, not an image")
     try:
         data = hdu.data
-    except (*_READ_ERRORS, ValueError, TypeError) as exc:
+    except (*READ_ERRORS, ValueError, TypeError) as exc:
         raise InputError(f"cannot read {role} HDU {label!r} of {path.name}: {exc}") from None
     if data is None or data.size == 0:
         raise InputError(f"empty map: {role} HDU {label!r} has no pixels")
@@ -256,7 +231,7 @@ def read_maps(
         HDU, shape or WCS mismatch between the HDUs, a WCS that is not 2-D celestial with
         longitude on x, NaN/infinite or negative pixels.
     """
-    path = _existing_file(path, InputError)
+    path = existing_file(path, InputError)
     for key in (counts_hdu, background_hdu, exposure_hdu):
         if key is not None and (isinstance(key, bool) or not isinstance(key, str | int)):
             raise ParameterError(f"HDU keys must be names or indices, got {key!r}")
@@ -264,7 +239,7 @@ def read_maps(
         with warnings.catch_warnings():  # a truncated file fails below, with one message
             warnings.filterwarnings("ignore", "File may have been truncated")
             return _read_maps(path, counts_hdu, background_hdu, exposure_hdu, check_values)
-    except _READ_ERRORS as exc:  # a damaged file, found while reading it lazily
+    except READ_ERRORS as exc:  # a damaged file, found while reading it lazily
         raise InputError(f"cannot read {path} as FITS: {exc}") from None
 
 
@@ -275,7 +250,7 @@ def _read_maps(
     exposure_hdu: HDUKey | None,
     check_values: bool,
 ) -> xr.Dataset:
-    with _open_fits(path, InputError) as hdul:
+    with open_fits(path, InputError) as hdul:
         counts, wcs, counts_label = _read_image(hdul, counts_hdu, "counts", path)
         layers = {"counts": (counts, counts_label)}
         keys = {"background": background_hdu}
@@ -301,19 +276,27 @@ def _read_maps(
     return validate_maps(data) if check_values else data
 
 
-def _wcs_header(attrs: Mapping[str, Any]) -> fits.Header:
+def wcs_header(attrs: Mapping[str, Any]) -> fits.Header:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         return fits.Header(dict(attrs["wcs"]))
 
 
-def write_maps(data: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> Path:
+def write_maps(
+    data: xr.Dataset,
+    path: PathLike,
+    *,
+    overwrite: bool = False,
+    provenance_record: Mapping[str, Any] | None = None,
+) -> Path:
     """Write input maps in the layout `read_maps` reads by default.
 
     ``counts`` goes to the primary HDU (EXTNAME ``COUNTS``; int32 when every value is an
     integer that fits, float64 otherwise), ``background`` to ``BACKGROUND`` and ``exposure``
     (when present) to ``EXPOSURE``, each with the WCS cards of ``attrs["wcs"]``. Values read back
-    by `read_maps` are identical. The write is atomic (see `atomic_output`).
+    by `read_maps` are identical. The write is atomic (see `atomic_output`). The primary header
+    records ``provenance_record`` (`cwtflow.provenance.provenance`; by default one without
+    inputs or command).
 
     Returns
     -------
@@ -321,7 +304,7 @@ def write_maps(data: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> 
         The file written.
     """
     data = validate_maps(data)
-    header = _wcs_header(data.attrs)
+    header = wcs_header(data.attrs)
     counts = data["counts"].values
     as_int = np.array_equal(counts, np.round(counts)) and counts.max() < 2**31
     hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [
@@ -329,6 +312,7 @@ def write_maps(data: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> 
     ]
     hdus[0].header["EXTNAME"] = "COUNTS"
     hdus[0].header["BUNIT"] = "count"
+    add_fits_cards(hdus[0].header, dict(provenance_record or provenance()))
     for name, unit in (("background", "count"), ("exposure", "cm2 s")):
         if name in data:
             hdu = fits.ImageHDU(
@@ -341,205 +325,3 @@ def write_maps(data: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> 
     with atomic_output(path, overwrite=overwrite) as tmp:
         fits.HDUList(hdus).writeto(tmp)
     return Path(path).expanduser()
-
-
-# --------------------------------------------------------------------------------------------
-# States
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _to_json(obj: Any, what: str) -> str:
-    try:
-        return json.dumps(obj, default=_jsonable, separators=(",", ":"), allow_nan=True)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} cannot be stored as JSON: {exc}") from None
-
-
-def _bookkeeping(header: fits.Header, name: str, kind: str, var: xr.Variable) -> None:
-    header["CWTVAR"] = (name, "cwtflow variable name")
-    header["CWTKIND"] = (kind, "data, coord or derived (derived: not read back)")
-    header["CWTDIMS"] = (",".join(var.dims), "xarray dims, slowest first")
-    header["CWTDTYPE"] = (str(var.dtype), "dtype in memory")
-    units = var.attrs.get("units")
-    if units and units != "1":
-        header["BUNIT"] = units
-    header["VARATTRS"] = _to_json(dict(var.attrs), f"attrs of {name!r}")
-
-
-def _image_hdu(name: str, kind: str, var: xr.Variable, wcs_header: fits.Header) -> fits.ImageHDU:
-    values = np.asarray(var.values)
-    if values.dtype == bool:
-        values = values.astype(np.uint8)
-    header = wcs_header.copy()
-    if var.ndim == 3:
-        header["WCSAXES"] = 3
-        header["CTYPE3"] = ("SCALE", "wavelet scale index; values in the SCALES table")
-        header["CRPIX3"] = 1.0
-        header["CRVAL3"] = 0.0
-        header["CDELT3"] = 1.0
-    hdu = fits.ImageHDU(values, header=header, name=name.upper())
-    _bookkeeping(hdu.header, name, kind, var)
-    return hdu
-
-
-def _primary_hdu(attrs: Mapping[str, Any]) -> fits.PrimaryHDU:
-    hdu = fits.PrimaryHDU()
-    header = hdu.header
-    header[MARKER] = (__version__, "cwtflow CWT state file, writer version")
-    if "iterations" in attrs:
-        header["ITERS"] = (int(attrs["iterations"]), "iterations run")
-    if "converged" in attrs:
-        header["CONVERGD"] = (bool(attrs["converged"]), "stopped by the tolerance")
-    params = attrs.get("parameters") or {}
-    cards = {
-        "n_scale": ("NSCALE", "number of wavelet scales"),
-        "min_scale": ("MINSCALE", "smallest scale (pixels)"),
-        "step_scale": ("STEPSCAL", "ratio between successive scales"),
-        "max_iter": ("MAXITER", "maximum number of iterations"),
-        "tol": ("TOL", "relative residual-variance tolerance"),
-        "significance_threshold": ("SIGTHR", "significance threshold"),
-        "significance_island_threshold": ("ISLTHR", "island significance threshold"),
-        "remove_isolated": ("RMISOL", "one-pixel components dropped"),
-        "wrap_lon": ("WRAPLON", "periodic longitude (absent: automatic)"),
-    }
-    for key, (card, comment) in cards.items():
-        if params.get(key) is not None:
-            header[card] = (params[key], comment)
-    for i, variance in enumerate(attrs.get("residual_variance") or [], start=1):
-        header[f"RESVAR{i}"] = (float(variance), f"residual variance after iteration {i}")
-    header["CWTATTRS"] = _to_json(dict(attrs), "state attrs")
-    return hdu
-
-
-def write_state(state: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> Path:
-    """Write a CWT state (e.g. the result of `CWT.analyze`) to one FITS file.
-
-    Parameters
-    ----------
-    state : xarray.Dataset
-        A state with every variable of `cwtflow.state.STATE_VARS`, the ``scale`` coordinate and
-        the WCS in ``attrs["wcs"]``; numpy- or dask-backed (computed variable by variable).
-        Its attrs must be JSON-representable (numbers, strings, booleans, None, lists, dicts;
-        tuples come back as lists).
-    path : path-like
-        Output file; ``.fits.gz`` is gzip-compressed.
-    overwrite : bool
-        Replace an existing file instead of refusing it.
-
-    Returns
-    -------
-    pathlib.Path
-        The file written. The layout is described in this module's docstring; the write is
-        atomic (`atomic_output`).
-
-    Raises
-    ------
-    InputError
-        ``state`` lacks a state variable, the scale coordinate or the WCS, or has attrs that
-        cannot be stored.
-    StoreError
-        The output exists (without ``overwrite``) or cannot be written.
-    """
-    if not isinstance(state, xr.Dataset):
-        raise InputError(f"expected a state xarray.Dataset, got {type(state).__name__}")
-    missing = [name for name in (*STATE_VARS, "scale") if name not in state.variables]
-    if missing:
-        raise InputError(f"not a CWT state: missing {', '.join(missing)}")
-    wcs_from_attrs(state.attrs)
-    check_output(path, overwrite=overwrite)
-    wcs_header = _wcs_header(state.attrs)
-    imgs = images(state)
-    hdus: list[Any] = [_primary_hdu(state.attrs)]
-    for name in IMAGES:
-        kind = "data" if name in STATE_VARS else "derived"
-        hdus.append(_image_hdu(name, kind, imgs[name].variable, wcs_header))
-    for name in CUBES:
-        hdus.append(_image_hdu(name, "data", state[name].variable, wcs_header))
-    for name in CARRIED:
-        if name in state.data_vars:
-            hdus.append(_image_hdu(name, "data", state[name].variable, wcs_header))
-    scale = state["scale"].variable
-    table = fits.BinTableHDU.from_columns(
-        [fits.Column(name="SCALE", format="D", unit=scale.attrs.get("units"), array=scale.values)],
-        name="SCALES",
-    )
-    _bookkeeping(table.header, "scale", "coord", scale)
-    hdus.append(table)
-    for name in ("lon", "lat"):
-        if name in state.coords:
-            hdus.append(_image_hdu(name, "coord", state[name].variable, wcs_header))
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        fits.HDUList(hdus).writeto(tmp)
-    return Path(path).expanduser()
-
-
-def _json_card(header: fits.Header, key: str, label: str) -> Any:
-    try:
-        return json.loads(header[key])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StoreError(f"{label}: card {key} is missing or not JSON ({exc})") from None
-
-
-def read_state(path: PathLike) -> xr.Dataset:
-    """Read a state written by `write_state` back into an identical state Dataset.
-
-    Parameters
-    ----------
-    path : path-like
-        A FITS file written by `write_state`.
-
-    Returns
-    -------
-    xarray.Dataset
-        The state variables (same dims, dtypes, values and attrs), the ``lon``/``lat`` and
-        ``scale`` coordinates and the attrs, numpy-backed. Derived images are not part of it
-        (compute them with `cwtflow.images`).
-
-    Raises
-    ------
-    StoreError
-        Missing or unreadable file, or a file that is not a complete cwtflow state.
-    """
-    path = _existing_file(path, StoreError)
-    try:
-        with warnings.catch_warnings():  # a truncated file fails below, with one message
-            warnings.filterwarnings("ignore", "File may have been truncated")
-            return _read_state(path)
-    except _READ_ERRORS as exc:  # a damaged file, found while reading it lazily
-        raise StoreError(f"cannot read {path} as FITS: {exc}") from None
-
-
-def _read_state(path: Path) -> xr.Dataset:
-    with _open_fits(path, StoreError) as hdul:
-        primary = hdul[0].header
-        if MARKER not in primary:
-            raise StoreError(f"{path.name} is not a cwtflow state file (no {MARKER} card)")
-        attrs = _json_card(primary, "CWTATTRS", path.name)
-        data_vars: dict[str, xr.Variable] = {}
-        coords: dict[str, xr.Variable] = {}
-        for hdu in hdul[1:]:
-            kind = hdu.header.get("CWTKIND")
-            if kind not in ("data", "coord"):
-                continue
-            var_attrs = _json_card(hdu.header, "VARATTRS", f"HDU {hdu.name}")
-            try:
-                name = hdu.header["CWTVAR"]
-                dims = tuple(hdu.header["CWTDIMS"].split(","))
-                values = hdu.data["SCALE"] if name == "scale" else hdu.data
-                values = np.asarray(values).astype(hdu.header["CWTDTYPE"])
-            except (*_READ_ERRORS, ValueError, TypeError, KeyError) as exc:
-                raise StoreError(f"cannot read HDU {hdu.name} of {path.name}: {exc}") from None
-            target = coords if kind == "coord" else data_vars
-            target[name] = xr.Variable(dims, values, var_attrs)
-    missing = [name for name in (*STATE_VARS, "scale") if name not in {*data_vars, *coords}]
-    if missing:
-        raise StoreError(f"{path.name} is not a complete cwtflow state: no HDU for {missing}")
-    ordered = {name: data_vars.pop(name) for name in STATE_VARS}
-    return xr.Dataset({**ordered, **data_vars}, coords=coords, attrs=attrs)

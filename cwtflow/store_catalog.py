@@ -24,7 +24,8 @@ from .catalog import find_sources
 from .errors import InputError, StoreError
 from .formats import is_store
 from .history import open_history
-from .io import read_maps, read_state
+from .io import read_maps
+from .state_files import read_state
 from .store import COMPLETE, delete_group, is_complete, open_group
 
 __all__ = ["CATALOG_GROUP", "catalog_of_result", "read_store_catalog", "write_store_catalog"]

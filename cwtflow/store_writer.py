@@ -67,6 +67,7 @@ from .store import (
     open_group,
     table_infos,
 )
+from .store_meta import axis_coords, consolidate
 from .version import __version__
 
 __all__ = ["ZarrSink", "tile_batches"]
@@ -223,6 +224,7 @@ class ZarrSink:
         self._write_inputs()
         self._write_group(0, state)
         self._mark(0, {"iteration": 0, "table": []})
+        consolidate(self.path)
         return self._opencompose_state(0), []
 
     def write(
@@ -260,6 +262,7 @@ class ZarrSink:
                 if old < k:
                     delete_group(self.path, group_name(old))
         self._set_status(self._status(k, info.converged))
+        consolidate(self.path)
         state.attrs.update(info.attrs())
         return state
 
@@ -379,8 +382,10 @@ class ZarrSink:
         ds = state[list(ITERATION_VARS)].drop_vars(
             [c for c in state.coords if c != "scale"], errors="ignore"
         )
-        ds = self._rechunk(ds.drop_encoding())
-        ds.attrs = {"iteration": k}
+        ds = self._rechunk(ds.drop_encoding()).assign_coords(
+            axis_coords(self.data.attrs, self.shape)
+        )
+        ds.attrs = {"iteration": k, "wcs": dict(self.data.attrs["wcs"])}
         target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
         batches = tile_batches(tiles, self.chunks) if tiles is not None else []
         if len(batches) <= 1:
@@ -389,7 +394,7 @@ class ZarrSink:
             return None if moments is None else np.asarray(moments)
         # metadata, attrs and the in-memory scale coordinate now; the chunks batch by batch
         ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
-        body = ds.drop_vars("scale", errors="ignore")
+        body = ds.drop_vars(["scale", "lon", "lat"], errors="ignore")
         edges = [np.cumsum([0, *axis]).tolist() for axis in tiles]
         out = np.empty(moments.shape)
         for region in batches:
@@ -451,6 +456,7 @@ class ZarrSink:
         status = self._status(len(done), done[-1].converged) if done else STATUS_RUNNING
         root = zarr.open_group(str(path), mode="r+")
         root.attrs.update({"parameters": json_value(self.settings.parameters()), "status": status})
+        consolidate(path)
         return state, done
 
     def _check_inputs(self) -> None:

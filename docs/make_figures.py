@@ -33,7 +33,7 @@ SHAPE = (200, 400)
 SEED = 0
 #: Kernels matched to the simulation's PSF (Gaussian sigma 2 pixels): scales 2 and 4 pixels.
 KERNELS = {"n_scale": 2, "min_scale": 2.0, "step_scale": 2.0}
-SETTINGS = {"significance_threshold": 3.0, "max_iter": 10}
+SETTINGS = {"significance_threshold": 3.0, "max_iter": 10, "tol": 0.01}
 MATCH_RADIUS = 3.0  # pixels: a detection within this of a true source finds it
 
 

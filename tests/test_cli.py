@@ -17,7 +17,9 @@ from test_io import BAD_MAPS, maps_hdus
 
 import cwtflow
 from cwtflow.cli import DEMO_FILES, cli
-from cwtflow.io import read_maps, read_state, write_maps
+from cwtflow.cli_demo import DEMO_KERNELS, DEMO_SETTINGS
+from cwtflow.io import read_maps, write_maps
+from cwtflow.state_files import read_state
 
 KERNEL_ARGS = ["--n-scale", "2", "--min-scale", "1.5", "--step-scale", "1.4"]
 
@@ -177,13 +179,16 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(DEMO_FILES.values())
-    assert [line.split()[1] for line in result.stdout.splitlines()] == list(DEMO_FILES.values())
+    *written, matched = result.stdout.splitlines()
+    assert [line.split()[1] for line in written] == list(DEMO_FILES.values())
+    assert matched.startswith("found ") and "of 3 true sources" in matched
     maps, truth = cwtflow.simulate_sky((60, 90), n_sources=3, seed=7)
     xr.testing.assert_identical(read_maps(DEMO_FILES["maps"]), maps)
     sources = Table.read(DEMO_FILES["sources"], format="ascii.ecsv")
     assert len(sources) == 3 and sources["lon"].unit == u.deg
     np.testing.assert_array_equal(sources["counts"], truth["counts"])
-    expected = cwtflow.CWT(cwtflow.CWTKernels(2, 6.0, 1.3), max_iter=3).analyze(maps)
+    settings = {**DEMO_SETTINGS, "max_iter": 3}
+    expected = cwtflow.CWT(cwtflow.CWTKernels(**DEMO_KERNELS), **settings).analyze(maps)
     xr.testing.assert_identical(read_state(DEMO_FILES["result"]), expected)
     assert Path(DEMO_FILES["plot"]).read_bytes()[:4] == b"\x89PNG"
     before = snapshot(tmp_path)

@@ -118,9 +118,9 @@ def test_layout_and_attrs(tmp_path, random_maps):
     for k in range(4):
         group = root[f"iterations/{k:04d}"]
         assert group.attrs[COMPLETE] is True and group.attrs["iteration"] == k
-        assert sorted(group.array_keys()) == sorted(
-            ["scale", *(n for n in STATE_VARS if n not in ("counts", "background"))]
-        )
+        stored = [n for n in STATE_VARS if n not in ("counts", "background")]
+        assert sorted(group.array_keys()) == sorted(["scale", "lon", "lat", *stored])
+        assert group.attrs["wcs"] == attrs["wcs"]  # each group carries its sky grid
         model = group["transform_3d"]
         assert model.metadata.dimension_names == ("scale", "y", "x")
         assert model.attrs["units"] == "count"

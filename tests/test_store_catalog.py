@@ -73,13 +73,22 @@ def test_not_a_store_is_refused(tmp_path):
 
 
 def test_cli_keeps_the_catalog_in_the_store(run, tmp_path):
+    """A kept catalog is written out again as it is; a catalog option or --recompute finds the
+    sources again, and replacing the kept catalog then needs --overwrite."""
     path, table = run
     write_store_catalog(path, table, overwrite=True)
     runner = CliRunner()
     out = tmp_path / "sources.ecsv"
-    refused = runner.invoke(cli, ["catalog", str(path), "--out", str(out)])
-    assert refused.exit_code != 0 and "already holds a catalog" in refused.output
-    assert not out.exists()
-    done = runner.invoke(cli, ["catalog", str(path), "--out", str(out), "--overwrite"])
+    kept = runner.invoke(cli, ["catalog", str(path), "--out", str(out)])
+    assert kept.exit_code == 0, kept.output
+    assert f"the catalog kept in {path}" in kept.stdout
+    _same(table, cwtflow.read_catalog(out))
+    for option in (["--min-significance", "6"], ["--recompute"]):
+        other = tmp_path / "other.ecsv"
+        refused = runner.invoke(cli, ["catalog", str(path), "--out", str(other), *option])
+        assert refused.exit_code != 0 and "keeps a catalog" in refused.output
+        assert option[0] in refused.output and "--overwrite" in refused.output
+        assert not other.exists()
+    done = runner.invoke(cli, ["catalog", str(path), "-o", str(out), "--recompute", "--overwrite"])
     assert done.exit_code == 0, done.output
     _same(read_store_catalog(path), cwtflow.read_catalog(out))
