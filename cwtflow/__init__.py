@@ -20,6 +20,7 @@ from .kernels import CWTKernels
 from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
 from .simulate import simulate_sky
 from .store_catalog import read_store_catalog, write_store_catalog
+from .store_integrity import verify_store
 from .version import __version__
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "simulate_sky",
     "state_metrics",
     "validate_maps",
+    "verify_store",
     "wcs_from_attrs",
     "write_catalog",
     "write_maps",

@@ -1,5 +1,5 @@
 """Command-line interface: ``cwtflow run``, ``cwtflow demo``, ``cwtflow info``,
-``cwtflow catalog``.
+``cwtflow catalog``, ``cwtflow verify``, ``cwtflow unlock``.
 
 A thin layer over the public API: options are turned into API calls by the builders of
 `cwtflow.cli_options`, so a new option means one decorator entry and one line in a builder.
@@ -415,6 +415,33 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     if regions is not None:
         write_regions(table, regions, overwrite=overwrite)
         click.echo(f"wrote {regions}")
+
+
+# --------------------------------------------------------------------------------------------
+# Store integrity (cwtflow.store_integrity, cwtflow.store_lock)
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store: Path) -> None:
+    """Check every complete group of a .zarr STORE against its manifest: root attrs, array
+    metadata, every chunk's presence and CRC32C checksum, chunk order, iteration attrs."""
+    from .store_integrity import verify_store
+
+    click.echo(verify_store(store).summary())
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def unlock(store: Path) -> None:
+    """Break the writer's lock of a .zarr STORE left by a process that is gone (refused while
+    its owner runs on this host; for another host, make sure the owner is gone first)."""
+    from .store_lock import break_lock
+
+    owner = break_lock(store)
+    click.echo(
+        f"{store}: removed the lock of {owner.describe()}" if owner else f"{store}: not locked"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,11 +40,12 @@ from typing import Any
 import xarray as xr
 import zarr
 
-from .errors import InputError, StoreError
+from .errors import StoreError
 from .iteration import IterationInfo
 from .kernels import CWTKernels
 from .maps import wcs_from_attrs
 from .state import CARRIED, STATE_VARS, VARIABLES
+from .store_lock import LOCK_NAME
 
 __all__ = [
     "COMPLETE",
@@ -54,6 +55,7 @@ __all__ = [
     "ITERATION_VARS",
     "check_dataset",
     "check_root",
+    "clear_store",
     "complete_iterations",
     "compose_state",
     "delete_group",
@@ -70,7 +72,7 @@ __all__ = [
 ]
 
 FORMAT = "cwtflow-history"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Attribute whose presence (True) makes a group count as completely written.
 COMPLETE = "cwtflow_complete"
 #: Input variables stored once in the ``inputs`` group (exposure only when given).
@@ -181,8 +183,8 @@ def check_root(path: Path, attrs: dict[str, Any]) -> None:
     try:
         CWTKernels.from_dict(params)
         wcs_from_attrs(attrs)
-    except (KeyError, TypeError, InputError, ValueError) as exc:
-        raise StoreError(f"{path}: corrupted store, bad root attrs: {exc}") from None
+    except Exception as exc:  # junk of any type in parameters or WCS cards
+        raise StoreError(f"{path}: corrupted store, bad root attrs: {exc!r}") from None
     if not isinstance(attrs["status"], str):
         raise StoreError(f"{path}: corrupted store, bad root attr 'status'")
 
@@ -222,7 +224,21 @@ def table_infos(path: Path, k: int, attrs: dict[str, Any]) -> list[IterationInfo
 
 
 def has_content(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+    """Whether directory ``path`` holds anything but a writer's lock file."""
+    return path.is_dir() and any(entry.name != LOCK_NAME for entry in path.iterdir())
+
+
+def clear_store(path: Path) -> None:
+    """Delete everything in store ``path`` but the lock file: the root metadata first (the
+    directory is no store any more), then the rest."""
+    (path / "zarr.json").unlink(missing_ok=True)
+    for entry in path.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def expected_variables(shape: tuple[int, int], kernels: CWTKernels) -> dict[str, tuple]:

@@ -21,13 +21,9 @@ writes a store at a time. Only local directory stores are supported.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import os
-import shutil
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +40,6 @@ from .iteration import IterationInfo, Settings
 from .maps import wcs_from_attrs
 from .state import STATE_VARS, VARIABLES, initial_state
 from .store import (
-    COMPLETE,
     FORMAT,
     FORMAT_VERSION,
     INPUT_VARS,
@@ -54,6 +49,7 @@ from .store import (
     STATUS_RUNNING,
     check_dataset,
     check_root,
+    clear_store,
     complete_iterations,
     compose_state,
     delete_group,
@@ -67,6 +63,17 @@ from .store import (
     open_group,
     table_infos,
 )
+from .store_integrity import (
+    WRITE_OPTIONS,
+    block_digests,
+    check_group,
+    check_root_digest,
+    checksummed,
+    combine_digests,
+    seal_group,
+    update_root,
+)
+from .store_lock import LOCK_NAME, StoreLock
 from .version import __version__
 
 __all__ = ["ZarrSink", "tile_batches"]
@@ -75,35 +82,6 @@ __all__ = ["ZarrSink", "tile_batches"]
 DEFAULT_CHUNK = 1024
 #: Parameters that may differ when resuming (they do not change the numbers).
 _RESUMABLE_PARAMS = ("max_iter",)
-
-# --- checksums ------------------------------------------------------------------------------
-
-
-def _block_digest(block: np.ndarray) -> str:
-    block = np.ascontiguousarray(block, dtype=np.float64)
-    return hashlib.blake2b(memoryview(block).cast("B"), digest_size=16).hexdigest()
-
-
-def _block_digests(array: Any, chunks: tuple[int, int]) -> list[Any]:
-    """Digest of every (cy, cx) block of a 2-D array, row-major; delayed for dask arrays."""
-    if isinstance(array, np.ndarray):
-        ny, nx = array.shape
-        return [
-            _block_digest(array[y : y + chunks[0], x : x + chunks[1]])
-            for y in range(0, ny, chunks[0])
-            for x in range(0, nx, chunks[1])
-        ]
-    blocks = array.rechunk(chunks).to_delayed().ravel()
-    return [dask.delayed(_block_digest, pure=True)(b) for b in blocks]
-
-
-def _combine(shape: Sequence[int], digests: Iterable[str]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([list(shape), "float64"]).encode())
-    for d in digests:
-        h.update(d.encode())
-    return "blake2b:" + h.hexdigest()
-
 
 # --- the sink -------------------------------------------------------------------------------
 
@@ -153,25 +131,44 @@ class ZarrSink:
         self._table: list[dict[str, Any]] = []  # attrs of the iterations done, 1..k
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory (zarr store)")
+        self._lock = StoreLock(self.path)
+        self._existing = False
+
+    def close(self) -> None:
+        """Release the store's lock (the run is over, or failed)."""
+        self._lock.release()
+
+    def _open_existing(self) -> None:
+        """Take the lock, then check what the store holds (refusing what is not ours; a
+        foreign directory is refused before any lock file is put into it)."""
+        self._refuse_foreign()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
         self._existing = has_content(self.path)
-        if self._existing:
-            root = open_group(self.path)
-            if root is None:
-                raise StoreError(
-                    f"{self.path} exists and is not a zarr store; refusing to touch it"
-                )
-            attrs = dict(root.attrs)
-            if attrs.get("format") != FORMAT:
-                raise StoreError(
-                    f"{self.path} is not a cwtflow history store; refusing to touch it"
-                )
-            if not (resume or overwrite):
-                raise StoreError(
-                    f"{self.path} already exists; pass resume=True to continue it or "
-                    "overwrite=True to replace it"
-                )
-            if resume:
-                self._check_compatible(attrs)
+        if not self._existing:
+            return
+        attrs = self._refuse_foreign()
+        if not (self.resume or self.overwrite):
+            raise StoreError(
+                f"{self.path} already exists; pass resume=True to continue it or "
+                "overwrite=True to replace it"
+            )
+        if self.resume:
+            self._check_compatible(attrs)
+
+    def _refuse_foreign(self) -> dict[str, Any]:
+        """Root attrs of the store at ``path``; StoreError when it holds something else."""
+        if not has_content(self.path) or (
+            self._lock.held is False and (self.path / LOCK_NAME).exists()
+        ):
+            return {}
+        root = open_group(self.path)
+        if root is None:
+            raise StoreError(f"{self.path} exists and is not a zarr store; refusing to touch it")
+        attrs = dict(root.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.path} is not a cwtflow history store; refusing to touch it")
+        return attrs
 
     # -- validation ------------------------------------------------------------------------
 
@@ -204,6 +201,7 @@ class ZarrSink:
         other = wcs_from_attrs(self.data.attrs).wcs
         if not stored_wcs.wcs.compare(other, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-10):
             raise StoreError(f"{path} holds maps with another WCS than the input's")
+        check_root_digest(path, attrs)
 
     # -- protocol ----------------------------------------------------------------------------
 
@@ -211,14 +209,20 @@ class ZarrSink:
         """Prepare the store; the state to continue from and the iterations already done.
 
         A new store receives the inputs and ``state`` (the initial state) as iteration 0. A
-        resumed store is checked against the inputs and cleaned of partial groups.
+        resumed store is checked against the inputs and cleaned of partial groups. The store's
+        lock is taken first and held until `close`.
         """
-        if self._existing and self.resume:
-            resumed = self._resume()
-            if resumed is not None:
-                return resumed
+        try:
+            self._open_existing()
+            if self._existing and self.resume:
+                resumed = self._resume()
+                if resumed is not None:
+                    return resumed
+        except BaseException:
+            self.close()
+            raise
         if self._existing:
-            shutil.rmtree(self.path)
+            clear_store(self.path)
         self._create()
         self._write_inputs()
         self._write_group(0, state)
@@ -282,7 +286,7 @@ class ZarrSink:
     def _set_status(self, status: str) -> None:
         root = zarr.open_group(str(self.path), mode="r+")
         if root.attrs.get("status") != status:
-            root.attrs.update({"status": status})
+            update_root(self.path, {"status": status})
 
     def _create(self) -> None:
         data = self.data
@@ -313,18 +317,21 @@ class ZarrSink:
             "variables": variables,
             "status": STATUS_RUNNING,
         }
+        if (self.path / "zarr.json").exists():
+            raise StoreError(f"{self.path}: a store appeared while this writer held its lock")
         try:
-            zarr.open_group(str(self.path), mode="w-", attributes=json_value(attrs))
+            update_root(self.path, attrs, create=True)
         except Exception as exc:
             raise StoreError(f"cannot create the zarr store {self.path}: {exc}") from None
 
     def _encoding(self, ds: xr.Dataset) -> dict[str, dict[str, Any]]:
         sizes = {"y": self.chunks[0], "x": self.chunks[1], "scale": self.settings.kernels.n_scale}
-        return {
+        chunked = {
             name: {"chunks": tuple(min(sizes[d], ds.sizes[d]) for d in ds[name].dims)}
             for name in ds.variables
             if set(ds[name].dims) <= set(sizes) and ds[name].dims
         }
+        return checksummed(chunked, ds.variables)
 
     def _rechunk(self, ds: xr.Dataset) -> xr.Dataset:
         """Dask-backed variables on exactly the store's chunks (dask and zarr chunks agree)."""
@@ -345,7 +352,7 @@ class ZarrSink:
             attrs=_json_attrs(data.attrs),
         ).drop_encoding()
         ds = self._rechunk(ds)
-        digests = {n: _block_digests(ds[n].data, self.chunks) for n in names}
+        digests = {n: block_digests(ds[n].data, self.chunks) for n in names}
         write = ds.to_zarr(
             str(self.path),
             group="inputs",
@@ -353,11 +360,12 @@ class ZarrSink:
             consolidated=False,
             compute=False,
             encoding=self._encoding(ds),
+            **WRITE_OPTIONS,
         )
         _, digests = dask.compute(write, digests)
-        checksums = {n: _combine(self.shape, digests[n]) for n in names}
-        group = zarr.open_group(str(self.path), path="inputs", mode="r+")
-        group.attrs.update({"checksums": checksums, COMPLETE: True})
+        checksums = {n: combine_digests(self.shape, digests[n]) for n in names}
+        self._lock.check()
+        seal_group(self.path, "inputs", {"checksums": checksums})
 
     def _write_group(
         self,
@@ -382,6 +390,7 @@ class ZarrSink:
         ds = self._rechunk(ds.drop_encoding())
         ds.attrs = {"iteration": k}
         target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
+        target.update(WRITE_OPTIONS)
         batches = tile_batches(tiles, self.chunks) if tiles is not None else []
         if len(batches) <= 1:
             write = ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
@@ -402,8 +411,8 @@ class ZarrSink:
         return out
 
     def _mark(self, k: int, attrs: dict[str, Any]) -> None:
-        group = zarr.open_group(str(self.path), path=group_name(k), mode="r+")
-        group.attrs.update({**json_value(attrs), COMPLETE: True})
+        self._lock.check()
+        seal_group(self.path, group_name(k), attrs)
 
     def _inputs_ds(self) -> xr.Dataset:
         if self._inputs is None:
@@ -423,31 +432,34 @@ class ZarrSink:
                 raise StoreError(f"{path}: corrupted store, complete iterations without inputs")
             return None  # killed while writing the inputs: start over
         self._check_inputs()
+        check_group(path, "inputs", full=True)
+        state, done = None, []
+        if complete:  # everything is checked before anything is deleted
+            last = complete[-1]
+            group = open_group(path, group_name(last))
+            done = table_infos(path, last, dict(group.attrs)) if last else []
+            if len(done) > self.settings.max_iter:
+                raise StoreError(
+                    f"{path} already holds {len(done)} iterations, more than max_iter="
+                    f"{self.settings.max_iter}"
+                )
+            state = self._opencompose_state(last)
+            expected = expected_variables(self.shape, self.settings.kernels)
+            check_dataset(path, group_name(last), state, expected)
+            check_group(path, group_name(last), full=True)
         for k in iteration_dirs(path):
-            if k not in complete or (complete and k > complete[-1]):
+            if k not in complete or k > complete[-1]:
                 delete_group(path, group_name(k))
-        if not complete:
+        if state is None:
             self._write_group(0, initial_state(self._inputs_ds(), self.settings.kernels))
             self._mark(0, {"iteration": 0, "table": []})
-            complete = [0]
-        last = complete[-1]
-        group = open_group(path, group_name(last))
-        done = table_infos(path, last, dict(group.attrs)) if last else []
-        if len(done) > self.settings.max_iter:
-            raise StoreError(
-                f"{path} already holds {len(done)} iterations, more than max_iter="
-                f"{self.settings.max_iter}"
-            )
-        state = self._opencompose_state(last)
-        expected = expected_variables(self.shape, self.settings.kernels)
-        check_dataset(path, group_name(last), state, expected)
+            complete, state = [0], self._opencompose_state(0)
         if not self.settings.keep_history:
             for old in complete[:-1]:
                 delete_group(path, group_name(old))
         self._table = [info.attrs() for info in done]
         status = self._status(len(done), done[-1].converged) if done else STATUS_RUNNING
-        root = zarr.open_group(str(path), mode="r+")
-        root.attrs.update({"parameters": json_value(self.settings.parameters()), "status": status})
+        update_root(path, {"parameters": self.settings.parameters(), "status": status})
         return state, done
 
     def _check_inputs(self) -> None:
@@ -466,10 +478,10 @@ class ZarrSink:
         stored = group.attrs.get("checksums")
         if not isinstance(stored, dict) or set(stored) != set(names):
             raise StoreError(f"{path}: corrupted store, bad 'checksums' attr of the inputs")
-        digests = {n: _block_digests(self.data[n].data, self.chunks) for n in names}
+        digests = {n: block_digests(self.data[n].data, self.chunks) for n in names}
         (digests,) = dask.compute(digests)
         for n in names:
-            if _combine(self.shape, digests[n]) != stored[n]:
+            if combine_digests(self.shape, digests[n]) != stored[n]:
                 raise StoreError(f"{path} holds other input maps: '{n}' differs (checksum)")
 
 
