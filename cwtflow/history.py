@@ -1,7 +1,9 @@
 """The lazy reader of a run's zarr store (`open_history`, `History`, `read_result`).
 
 Only complete groups count (`cwtflow.store`); states are Datasets of dask arrays read from the
-store, computed only when asked.
+store, computed only when asked. Opening checks each group's manifest for presence (no chunk
+is read) and pins it: chunks are read through `cwtflow.store_integrity.PinnedStore`, so a
+damaged chunk, or a group the writer pruned or replaced after the opening, is a `StoreError`.
 """
 
 from __future__ import annotations

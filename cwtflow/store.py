@@ -22,12 +22,26 @@ so plain zarr readers need neither xarray nor cwtflow.
 
 Crash safety. Zarr writes are not atomic as a whole, but writing one key is (temporary file and
 rename), so a group *counts* only once the attribute `COMPLETE` is set, which happens in a
-single metadata write after all its chunks are stored. Readers ignore unmarked groups. A group
+single metadata write after all its chunks are stored, together with the group's manifest and
+attrs digest (`cwtflow.store_integrity.seal_group`). Readers ignore unmarked groups. A group
 is only ever written fresh: a leftover unmarked group of a killed run is deleted first, and a
 complete group is never overwritten. Deleting a group (`delete_group`) removes its marker
 first, then its files, so a kill midway leaves an ignored leftover. The root ``status``
 (``running``, ``converged``, ``max_iter reached``) is informational: the markers are
 authoritative.
+
+One writer at a time. A writer (a run, or a catalog kept in the store) holds the lock file
+``cwtflow.lock`` in the store while it writes (`cwtflow.store_lock`): a second writer is
+refused naming the owner; the lock of a killed process on this host is taken over, one of
+another host is broken with ``cwtflow unlock``. With ``keep_history=False`` the previous
+complete iteration is pruned only once the new one is complete.
+
+Integrity (`cwtflow.store_integrity`). Every chunk ends with its CRC32C and every chunk of the
+grid is stored (empty ones too); each complete group's manifest lists its arrays' metadata and
+every chunk's CRC in grid order, and the root and group attrs carry digests. Opening checks
+presence (metadata, attrs, every chunk file), resuming and `verify_store` check every chunk.
+Readers read through the manifest they opened: damage, or a group pruned or replaced by the
+writer since, is a `StoreError`, never fill values.
 """
 
 from __future__ import annotations

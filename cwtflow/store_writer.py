@@ -15,8 +15,9 @@ each its own computation, so that peak memory is set by the tile size, not by th
 
 Resuming checks that the store was written by this cwtflow version and format, with the same
 parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and the
-checksums), and that its metadata is intact; anything else raises `StoreError`. One process
-writes a store at a time. Only local directory stores are supported.
+checksums), and that the inputs and the newest complete iteration are intact (every chunk
+against the manifest); anything else raises `StoreError`. The sink holds the store's lock from
+`start` to `close`. Only local directory stores are supported.
 """
 
 from __future__ import annotations
