@@ -29,6 +29,7 @@ from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
 from .simulate import simulate_sky
 from .state_files import read_state, write_state
 from .store_catalog import read_store_catalog, write_store_catalog
+from .store_integrity import verify_store
 from .survey import Survey, SurveyResult, run_survey
 from .version import __version__
 
@@ -68,6 +69,7 @@ __all__ = [
     "simulate_sky",
     "state_metrics",
     "validate_maps",
+    "verify_store",
     "wcs_from_attrs",
     "write_catalog",
     "write_maps",

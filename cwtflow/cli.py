@@ -1,5 +1,5 @@
 """Command-line interface: ``cwtflow run``, ``cwtflow demo``, ``cwtflow info``,
-``cwtflow catalog``.
+``cwtflow catalog``, ``cwtflow verify``, ``cwtflow unlock``.
 
 A thin layer over the public API: options are turned into API calls by the builders of
 `cwtflow.cli_options`, so a new option means one decorator entry and one line in a builder.
@@ -16,6 +16,7 @@ only on a terminal.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ class _Group(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        logger = logging.getLogger("cwtflow")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
@@ -104,6 +107,10 @@ class _Group(click.Group):
             code = _fail(str(exc))
         except OSError as exc:
             code = _fail(_os_message(exc))
+        finally:  # a command sets up the cwtflow logger for itself; a host program keeps its own
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
         if standalone_mode:
             sys.exit(code)
         return code
@@ -407,6 +414,33 @@ def catalog(
     if regions is not None:
         write_regions(table, regions, overwrite=overwrite)
         click.echo(f"wrote {regions}")
+
+
+# --------------------------------------------------------------------------------------------
+# Store integrity (cwtflow.store_integrity, cwtflow.store_lock)
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store: Path) -> None:
+    """Check every complete group of a .zarr STORE against its manifest: root attrs, array
+    metadata, every chunk's presence and CRC32C checksum, chunk order, iteration attrs."""
+    from .store_integrity import verify_store
+
+    click.echo(verify_store(store).summary())
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def unlock(store: Path) -> None:
+    """Break the writer's lock of a .zarr STORE left by a process that is gone (refused while
+    its owner runs on this host; for another host, make sure the owner is gone first)."""
+    from .store_lock import break_lock
+
+    owner = break_lock(store)
+    click.echo(
+        f"{store}: removed the lock of {owner.describe()}" if owner else f"{store}: not locked"
+    )
 
 
 # Full-sky surveys: the command lives in cli_survey (its options are many)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -258,20 +259,23 @@ class CWT:
             raise InputError("resume=True needs a store to resume from")
         else:
             sink = _MemorySink(keep=settings.keep_history)
-        state, done = sink.start(initial_state(data, self.kernels, dtype=settings.dtype))
-        infos: list[IterationInfo] = list(done)
-        while len(infos) < self.max_iter and not (infos and infos[-1].converged):
-            k = len(infos) + 1
-            new, moments = step(state)
-            state, moments = sink.write(k, new, moments, independent_tiles=step.independent_tiles)
-            variance, support_size = core.combine_moments(moments)
-            previous = infos[-1].residual_variance if infos else None
-            info = self._info(k, variance, previous, support_size)
-            state = sink.complete(k, state, info)
-            infos.append(info)
-            if callback is not None:
-                callback(info)
-        self.history = sink.history
+        with contextlib.closing(sink):  # a store sink holds the store's lock until closed
+            state, done = sink.start(initial_state(data, self.kernels, dtype=settings.dtype))
+            infos: list[IterationInfo] = list(done)
+            while len(infos) < self.max_iter and not (infos and infos[-1].converged):
+                k = len(infos) + 1
+                new, moments = step(state)
+                state, moments = sink.write(
+                    k, new, moments, independent_tiles=step.independent_tiles
+                )
+                variance, support_size = core.combine_moments(moments)
+                previous = infos[-1].residual_variance if infos else None
+                info = self._info(k, variance, previous, support_size)
+                state = sink.complete(k, state, info)
+                infos.append(info)
+                if callback is not None:
+                    callback(info)
+            self.history = sink.history
         state.attrs.update(run_summary(infos, self.parameters()))
         return state
 
@@ -499,6 +503,9 @@ class _MemorySink:
         if _is_lazy(state):
             state, moments = dask.persist(state, moments)
         return state, np.asarray(dask.compute(moments)[0])
+
+    def close(self) -> None:
+        """Nothing to release in memory."""
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` done: its attrs record ``info``."""

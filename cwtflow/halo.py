@@ -16,16 +16,28 @@ every block of an axis cut in several must hold ``depth`` pixels (`tile_chunks`)
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
+from dask.system import CPU_COUNT
 from dask.utils import apply, funcname
 
-__all__ = ["assemble", "halo_graph", "overlapped_tiles", "pieces", "run_tile", "tile_chunks"]
+__all__ = [
+    "assemble",
+    "halo_graph",
+    "overlapped_tiles",
+    "pieces",
+    "run_tile",
+    "tile_batches",
+    "tile_chunks",
+]
 
 
 def tile_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
@@ -178,3 +190,37 @@ def overlapped_tiles(
     else:
         chunks, meta = ((planes,), *first.chunks), np.empty((0, 0, 0))
     return da.Array(graph, name, chunks, dtype=result_dtype, meta=meta.astype(result_dtype))
+
+
+def tile_batches(
+    tiles: tuple[tuple[int, ...], tuple[int, ...]],
+    align: tuple[int, int] = (1, 1),
+    *,
+    threads: int | None = None,
+) -> list[dict[str, slice]]:
+    """Regions of about ``side x side`` tiles covering a map, row by row: the groups of tiles
+    a batched write computes one after the other.
+
+    ``tiles`` are the (y, x) chunks of the tiles; region edges are tile edges that are also
+    multiples of ``align`` (the store's chunks, so that no two regions write one zarr chunk).
+    ``side`` is the smallest integer with ``side**2 >= 4 * threads`` and at least 4 (16 tiles
+    on a 2-core machine): enough tiles to keep every thread busy, few enough that memory holds
+    a fixed number of tiles. ``threads`` defaults to the local scheduler's (dask's
+    ``num_workers`` setting, else the CPU count).
+    """
+    if threads is None:
+        threads = dask.config.get("num_workers", None) or CPU_COUNT
+    side = max(4, math.isqrt(4 * threads - 1) + 1)
+    ys, xs = (_batch_edges(axis, step, side) for axis, step in zip(tiles, align, strict=True))
+    return [
+        {"y": slice(y0, y1), "x": slice(x0, x1)}
+        for y0, y1 in itertools.pairwise(ys)
+        for x0, x1 in itertools.pairwise(xs)
+    ]
+
+
+def _batch_edges(chunks: tuple[int, ...], align: int, side: int) -> list[int]:
+    """Every ``side``-th tile edge along one axis that is a multiple of ``align``, with the
+    axis ends."""
+    edges = [int(e) for e in np.cumsum(chunks)[:-1] if e % align == 0]
+    return [0, *edges[side - 1 :: side], int(sum(chunks))]

@@ -1,7 +1,9 @@
 """The lazy reader of a run's zarr store (`open_history`, `History`, `read_result`).
 
 Only complete groups count (`cwtflow.store`); states are Datasets of dask arrays read from the
-store, computed only when asked.
+store, computed only when asked. Opening checks each group's manifest for presence (no chunk
+is read) and pins it: chunks are read through `cwtflow.store_integrity.PinnedStore`, so a
+damaged chunk, or a group the writer pruned or replaced after the opening, is a `StoreError`.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from .store import (
     expected_variables,
     group_name,
     is_complete,
-    open_dataset,
     open_group,
     table_infos,
 )
+from .store_integrity import check_group, check_root_digest, group_digest, open_pinned
+
+#: Attempts at opening while a writer prunes the groups being opened.
+_ATTEMPTS = 3
 
 __all__ = ["History", "open_history", "read_result"]
 
@@ -67,31 +72,35 @@ class History:
             raise StoreError(f"{path} is not a zarr store")
         self.attrs: dict[str, Any] = dict(root.attrs)
         check_root(path, self.attrs)
+        check_root_digest(path, self.attrs)
         if not is_complete(open_group(path, "inputs")):
             raise StoreError(f"{path} holds no complete inputs (the run never started writing)")
-        self.iterations: list[int] = complete_iterations(path)
-        if not self.iterations:
-            raise StoreError(f"{path} holds no complete iteration")
-        self.inputs = open_dataset(path, "inputs")
         shape = (self.attrs["shape"][0], self.attrs["shape"][1])
-        check_dataset(
-            path, "inputs", self.inputs, {n: (("y", "x"), shape, "f") for n in INPUT_VARS[:2]}
+        self.inputs = _open_checked(
+            path, "inputs", {n: (("y", "x"), shape, "f") for n in INPUT_VARS[:2]}
         )
         expected = expected_variables(shape, self.kernels)
-        self._groups: dict[int, xr.Dataset] = {}
-        for k in self.iterations:
-            group = open_dataset(path, group_name(k))
-            check_dataset(
-                path,
-                group_name(k),
-                group,
-                {n: e for n, e in expected.items() if n in ITERATION_VARS},
-            )
-            self._groups[k] = group
+        expected = {n: e for n, e in expected.items() if n in ITERATION_VARS}
+        for attempt in range(_ATTEMPTS):  # a writer may prune a group while this opens
+            self.iterations: list[int] = complete_iterations(path)
+            if not self.iterations:
+                raise StoreError(f"{path} holds no complete iteration")
+            try:
+                self._groups = self._open_groups(expected)
+                break
+            except StoreError:
+                if attempt + 1 == _ATTEMPTS or set(self.iterations) <= set(
+                    complete_iterations(path)
+                ):
+                    raise  # not a pruned group: damage
         last = self.iterations[-1]
         self.infos: list[IterationInfo] = (
             table_infos(path, last, dict(self._groups[last].attrs)) if last else []
         )
+
+    def _open_groups(self, expected: dict[str, tuple]) -> dict[int, xr.Dataset]:
+        """Each complete iteration checked (presence, attrs digest) and pinned."""
+        return {k: _open_checked(self.path, group_name(k), expected) for k in self.iterations}
 
     def __repr__(self) -> str:
         return (
@@ -180,6 +189,17 @@ class History:
         tree = {"/": xr.Dataset(attrs=self.attrs), "/inputs": self.inputs}
         tree.update({f"/{group_name(k)}": self.state(k) for k in self.iterations})
         return xr.DataTree.from_dict(tree)
+
+
+def _open_checked(path: Path, name: str, expected: dict[str, tuple]) -> xr.Dataset:
+    """Complete group ``name`` pinned (`open_pinned`), with the ``expected`` variables, and
+    its manifest checked for presence (`check_group`)."""
+    digest = group_digest(path, name)
+    ds = open_pinned(path, name, digest)
+    check_dataset(path, name, ds, expected)
+    if check_group(path, name) != digest:
+        raise StoreError(f"{path}: group '{name}' changed while it was opened; reopen")
+    return ds
 
 
 def open_history(path: str | os.PathLike[str]) -> History:

@@ -157,7 +157,8 @@ class Step(Protocol):
 
 
 class Sink(Protocol):
-    """Where the iterations of a run go: `start`, then `write` and `complete` per iteration."""
+    """Where the iterations of a run go: `start`, then `write` and `complete` per iteration,
+    `close` at the end."""
 
     def start(self, state: xr.Dataset) -> tuple[xr.Dataset, list[IterationInfo]]:
         """The state to continue from (``state`` is the initial one) and the iterations
@@ -182,4 +183,8 @@ class Sink(Protocol):
     @property
     def history(self) -> list[xr.Dataset]:
         """The states kept (with ``keep_history``: the initial one, then every iteration)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the sink holds (a store's lock), after the run or on an error."""
         ...

@@ -22,12 +22,26 @@ so plain zarr readers need neither xarray nor cwtflow.
 
 Crash safety. Zarr writes are not atomic as a whole, but writing one key is (temporary file and
 rename), so a group *counts* only once the attribute `COMPLETE` is set, which happens in a
-single metadata write after all its chunks are stored. Readers ignore unmarked groups. A group
+single metadata write after all its chunks are stored, together with the group's manifest and
+attrs digest (`cwtflow.store_integrity.seal_group`). Readers ignore unmarked groups. A group
 is only ever written fresh: a leftover unmarked group of a killed run is deleted first, and a
 complete group is never overwritten. Deleting a group (`delete_group`) removes its marker
 first, then its files, so a kill midway leaves an ignored leftover. The root ``status``
 (``running``, ``converged``, ``max_iter reached``) is informational: the markers are
 authoritative.
+
+One writer at a time. A writer (a run, or a catalog kept in the store) holds the lock file
+``cwtflow.lock`` in the store while it writes (`cwtflow.store_lock`): a second writer is
+refused naming the owner; the lock of a killed process on this host is taken over, one of
+another host is broken with ``cwtflow unlock``. With ``keep_history=False`` the previous
+complete iteration is pruned only once the new one is complete.
+
+Integrity (`cwtflow.store_integrity`). Every chunk ends with its CRC32C and every chunk of the
+grid is stored (empty ones too); each complete group's manifest lists its arrays' metadata and
+every chunk's CRC in grid order, and the root and group attrs carry digests. Opening checks
+presence (metadata, attrs, every chunk file), resuming and `verify_store` check every chunk.
+Readers read through the manifest they opened: damage, or a group pruned or replaced by the
+writer since, is a `StoreError`, never fill values.
 """
 
 from __future__ import annotations
@@ -40,11 +54,12 @@ from typing import Any
 import xarray as xr
 import zarr
 
-from .errors import InputError, StoreError
+from .errors import StoreError
 from .iteration import IterationInfo
 from .kernels import CWTKernels
 from .maps import wcs_from_attrs
 from .state import CARRIED, STATE_VARS, VARIABLES
+from .store_lock import LOCK_NAME
 
 __all__ = [
     "COMPLETE",
@@ -54,6 +69,7 @@ __all__ = [
     "ITERATION_VARS",
     "check_dataset",
     "check_root",
+    "clear_store",
     "complete_iterations",
     "compose_state",
     "delete_group",
@@ -70,7 +86,7 @@ __all__ = [
 ]
 
 FORMAT = "cwtflow-history"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Attribute whose presence (True) makes a group count as completely written.
 COMPLETE = "cwtflow_complete"
 #: Input variables stored once in the ``inputs`` group (exposure only when given).
@@ -181,8 +197,8 @@ def check_root(path: Path, attrs: dict[str, Any]) -> None:
     try:
         CWTKernels.from_dict(params)
         wcs_from_attrs(attrs)
-    except (KeyError, TypeError, InputError, ValueError) as exc:
-        raise StoreError(f"{path}: corrupted store, bad root attrs: {exc}") from None
+    except Exception as exc:  # junk of any type in parameters or WCS cards
+        raise StoreError(f"{path}: corrupted store, bad root attrs: {exc!r}") from None
     if not isinstance(attrs["status"], str):
         raise StoreError(f"{path}: corrupted store, bad root attr 'status'")
 
@@ -222,7 +238,21 @@ def table_infos(path: Path, k: int, attrs: dict[str, Any]) -> list[IterationInfo
 
 
 def has_content(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+    """Whether directory ``path`` holds anything but a writer's lock file."""
+    return path.is_dir() and any(entry.name != LOCK_NAME for entry in path.iterdir())
+
+
+def clear_store(path: Path) -> None:
+    """Delete everything in store ``path`` but the lock file: the root metadata first (the
+    directory is no store any more), then the rest."""
+    (path / "zarr.json").unlink(missing_ok=True)
+    for entry in path.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def expected_variables(shape: tuple[int, int], kernels: CWTKernels) -> dict[str, tuple]:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-import zarr
 from astropy.table import Table
 
 from .catalog import find_sources
@@ -26,7 +25,9 @@ from .formats import is_store
 from .history import open_history
 from .io import read_maps
 from .state_files import read_state
-from .store import COMPLETE, delete_group, is_complete, open_group
+from .store import delete_group, is_complete, open_group
+from .store_integrity import WRITE_OPTIONS, check_group, checksummed, open_pinned, seal_group
+from .store_lock import StoreLock
 
 __all__ = ["CATALOG_GROUP", "catalog_of_result", "read_store_catalog", "write_store_catalog"]
 
@@ -53,6 +54,11 @@ def write_store_catalog(
     """
     path = Path(path).expanduser()
     open_history(path)  # refuses anything that is not a readable cwtflow store
+    with StoreLock(path):  # one writer at a time
+        _write(path, table, overwrite=overwrite)
+
+
+def _write(path: Path, table: Table, *, overwrite: bool) -> None:
     if is_complete(open_group(path, CATALOG_GROUP)) and not overwrite:
         raise StoreError(f"{path} already holds a catalog (use overwrite to replace it)")
     delete_group(path, CATALOG_GROUP)
@@ -64,9 +70,16 @@ def write_store_catalog(
             attrs["units"] = column.unit.to_string()
         columns[name] = ("source", np.asarray(column), attrs)
     ds = xr.Dataset(columns, attrs={"meta": _json_meta(table.meta), "columns": table.colnames})
-    ds.to_zarr(str(path), group=CATALOG_GROUP, mode="w-", consolidated=False, zarr_format=3)
-    group = zarr.open_group(str(path), path=CATALOG_GROUP, mode="r+")
-    group.attrs.update({COMPLETE: True})
+    ds.to_zarr(
+        str(path),
+        group=CATALOG_GROUP,
+        mode="w-",
+        consolidated=False,
+        zarr_format=3,
+        encoding=checksummed({}, ds.variables),
+        **WRITE_OPTIONS,
+    )
+    seal_group(path, CATALOG_GROUP, {})
 
 
 def read_store_catalog(path: str | os.PathLike[str]) -> Table | None:
@@ -74,7 +87,8 @@ def read_store_catalog(path: str | os.PathLike[str]) -> Table | None:
     path = Path(path).expanduser()
     if not is_complete(open_group(path, CATALOG_GROUP)):
         return None
-    ds = xr.open_zarr(str(path), group=CATALOG_GROUP, consolidated=False).load()
+    digest = check_group(path, CATALOG_GROUP, full=True)  # small: every chunk checked
+    ds = open_pinned(path, CATALOG_GROUP, digest).load()
     table = Table(meta=ds.attrs.get("meta", {}))
     for name in ds.attrs["columns"]:
         var = ds[name]

@@ -15,19 +15,14 @@ each its own computation, so that peak memory is set by the tile size, not by th
 
 Resuming checks that the store was written by this cwtflow version and format, with the same
 parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and the
-checksums), and that its metadata is intact; anything else raises `StoreError`. One process
-writes a store at a time. Only local directory stores are supported.
+checksums), and that the inputs and the newest complete iteration are intact (every chunk
+against the manifest); anything else raises `StoreError`. The sink holds the store's lock from
+`start` to `close`. Only local directory stores are supported.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import math
 import os
-import shutil
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +32,13 @@ import xarray as xr
 import zarr
 from astropy.wcs import WCSCOMPARE_ANCILLARY
 from dask.base import get_scheduler
-from dask.system import CPU_COUNT
 
 from .errors import InputError, StoreError
+from .halo import tile_batches
 from .iteration import IterationInfo, Settings
 from .maps import wcs_from_attrs
 from .state import STATE_VARS, VARIABLES, initial_state
 from .store import (
-    COMPLETE,
     FORMAT,
     FORMAT_VERSION,
     INPUT_VARS,
@@ -54,6 +48,7 @@ from .store import (
     STATUS_RUNNING,
     check_dataset,
     check_root,
+    clear_store,
     complete_iterations,
     compose_state,
     delete_group,
@@ -67,44 +62,26 @@ from .store import (
     open_group,
     table_infos,
 )
+from .store_integrity import (
+    WRITE_OPTIONS,
+    block_digests,
+    check_group,
+    check_root_digest,
+    checksummed,
+    combine_digests,
+    seal_group,
+    update_root,
+)
+from .store_lock import LOCK_NAME, StoreLock
 from .store_meta import axis_coords, consolidate
 from .version import __version__
 
-__all__ = ["ZarrSink", "tile_batches"]
+__all__ = ["ZarrSink"]
 
 #: Zarr chunk side of an in-memory input (a lazy input's tiles are its chunks).
 DEFAULT_CHUNK = 1024
 #: Parameters that may differ when resuming (they do not change the numbers).
 _RESUMABLE_PARAMS = ("max_iter",)
-
-# --- checksums ------------------------------------------------------------------------------
-
-
-def _block_digest(block: np.ndarray) -> str:
-    block = np.ascontiguousarray(block, dtype=np.float64)
-    return hashlib.blake2b(memoryview(block).cast("B"), digest_size=16).hexdigest()
-
-
-def _block_digests(array: Any, chunks: tuple[int, int]) -> list[Any]:
-    """Digest of every (cy, cx) block of a 2-D array, row-major; delayed for dask arrays."""
-    if isinstance(array, np.ndarray):
-        ny, nx = array.shape
-        return [
-            _block_digest(array[y : y + chunks[0], x : x + chunks[1]])
-            for y in range(0, ny, chunks[0])
-            for x in range(0, nx, chunks[1])
-        ]
-    blocks = array.rechunk(chunks).to_delayed().ravel()
-    return [dask.delayed(_block_digest, pure=True)(b) for b in blocks]
-
-
-def _combine(shape: Sequence[int], digests: Iterable[str]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([list(shape), "float64"]).encode())
-    for d in digests:
-        h.update(d.encode())
-    return "blake2b:" + h.hexdigest()
-
 
 # --- the sink -------------------------------------------------------------------------------
 
@@ -154,25 +131,44 @@ class ZarrSink:
         self._table: list[dict[str, Any]] = []  # attrs of the iterations done, 1..k
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory (zarr store)")
+        self._lock = StoreLock(self.path)
+        self._existing = False
+
+    def close(self) -> None:
+        """Release the store's lock (the run is over, or failed)."""
+        self._lock.release()
+
+    def _open_existing(self) -> None:
+        """Take the lock, then check what the store holds (refusing what is not ours; a
+        foreign directory is refused before any lock file is put into it)."""
+        self._refuse_foreign()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
         self._existing = has_content(self.path)
-        if self._existing:
-            root = open_group(self.path)
-            if root is None:
-                raise StoreError(
-                    f"{self.path} exists and is not a zarr store; refusing to touch it"
-                )
-            attrs = dict(root.attrs)
-            if attrs.get("format") != FORMAT:
-                raise StoreError(
-                    f"{self.path} is not a cwtflow history store; refusing to touch it"
-                )
-            if not (resume or overwrite):
-                raise StoreError(
-                    f"{self.path} already exists; pass resume=True to continue it or "
-                    "overwrite=True to replace it"
-                )
-            if resume:
-                self._check_compatible(attrs)
+        if not self._existing:
+            return
+        attrs = self._refuse_foreign()
+        if not (self.resume or self.overwrite):
+            raise StoreError(
+                f"{self.path} already exists; pass resume=True to continue it or "
+                "overwrite=True to replace it"
+            )
+        if self.resume:
+            self._check_compatible(attrs)
+
+    def _refuse_foreign(self) -> dict[str, Any]:
+        """Root attrs of the store at ``path``; StoreError when it holds something else."""
+        if not has_content(self.path) or (
+            self._lock.held is False and (self.path / LOCK_NAME).exists()
+        ):
+            return {}
+        root = open_group(self.path)
+        if root is None:
+            raise StoreError(f"{self.path} exists and is not a zarr store; refusing to touch it")
+        attrs = dict(root.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.path} is not a cwtflow history store; refusing to touch it")
+        return attrs
 
     # -- validation ------------------------------------------------------------------------
 
@@ -205,6 +201,7 @@ class ZarrSink:
         other = wcs_from_attrs(self.data.attrs).wcs
         if not stored_wcs.wcs.compare(other, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-10):
             raise StoreError(f"{path} holds maps with another WCS than the input's")
+        check_root_digest(path, attrs)
 
     # -- protocol ----------------------------------------------------------------------------
 
@@ -212,20 +209,26 @@ class ZarrSink:
         """Prepare the store; the state to continue from and the iterations already done.
 
         A new store receives the inputs and ``state`` (the initial state) as iteration 0. A
-        resumed store is checked against the inputs and cleaned of partial groups.
+        resumed store is checked against the inputs and cleaned of partial groups. The store's
+        lock is taken first and held until `close`.
         """
-        if self._existing and self.resume:
-            resumed = self._resume()
-            if resumed is not None:
-                return resumed
+        try:
+            self._open_existing()
+            if self._existing and self.resume:
+                resumed = self._resume()
+                if resumed is not None:
+                    return resumed
+        except BaseException:
+            self.close()
+            raise
         if self._existing:
-            shutil.rmtree(self.path)
+            clear_store(self.path)
         self._create()
         self._write_inputs()
         self._write_group(0, state)
         self._mark(0, {"iteration": 0, "table": []})
         consolidate(self.path)
-        return self._opencompose_state(0), []
+        return self._open_state(0), []
 
     def write(
         self,
@@ -251,7 +254,7 @@ class ZarrSink:
         delete_group(self.path, name)
         tiles = None if _distributed() else independent_tiles
         moments = self._write_group(k, state, moments, tiles=tiles)
-        return self._opencompose_state(k), moments
+        return self._open_state(k), moments
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` complete with ``info``; prune older groups without history."""
@@ -271,7 +274,7 @@ class ZarrSink:
         """With ``keep_history``: every complete iteration opened lazily (0 first); else []."""
         if not self.settings.keep_history:
             return []
-        return [self._opencompose_state(k) for k in complete_iterations(self.path)]
+        return [self._open_state(k) for k in complete_iterations(self.path)]
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -285,7 +288,7 @@ class ZarrSink:
     def _set_status(self, status: str) -> None:
         root = zarr.open_group(str(self.path), mode="r+")
         if root.attrs.get("status") != status:
-            root.attrs.update({"status": status})
+            update_root(self.path, {"status": status})
 
     def _create(self) -> None:
         data = self.data
@@ -316,18 +319,21 @@ class ZarrSink:
             "variables": variables,
             "status": STATUS_RUNNING,
         }
+        if (self.path / "zarr.json").exists():
+            raise StoreError(f"{self.path}: a store appeared while this writer held its lock")
         try:
-            zarr.open_group(str(self.path), mode="w-", attributes=json_value(attrs))
+            update_root(self.path, attrs, create=True)
         except Exception as exc:
             raise StoreError(f"cannot create the zarr store {self.path}: {exc}") from None
 
     def _encoding(self, ds: xr.Dataset) -> dict[str, dict[str, Any]]:
         sizes = {"y": self.chunks[0], "x": self.chunks[1], "scale": self.settings.kernels.n_scale}
-        return {
+        chunked = {
             name: {"chunks": tuple(min(sizes[d], ds.sizes[d]) for d in ds[name].dims)}
             for name in ds.variables
             if set(ds[name].dims) <= set(sizes) and ds[name].dims
         }
+        return checksummed(chunked, ds.variables)
 
     def _rechunk(self, ds: xr.Dataset) -> xr.Dataset:
         """Dask-backed variables on exactly the store's chunks (dask and zarr chunks agree)."""
@@ -348,7 +354,7 @@ class ZarrSink:
             attrs=_json_attrs(data.attrs),
         ).drop_encoding()
         ds = self._rechunk(ds)
-        digests = {n: _block_digests(ds[n].data, self.chunks) for n in names}
+        digests = {n: block_digests(ds[n].data, self.chunks) for n in names}
         write = ds.to_zarr(
             str(self.path),
             group="inputs",
@@ -356,11 +362,12 @@ class ZarrSink:
             consolidated=False,
             compute=False,
             encoding=self._encoding(ds),
+            **WRITE_OPTIONS,
         )
         _, digests = dask.compute(write, digests)
-        checksums = {n: _combine(self.shape, digests[n]) for n in names}
-        group = zarr.open_group(str(self.path), path="inputs", mode="r+")
-        group.attrs.update({"checksums": checksums, COMPLETE: True})
+        checksums = {n: combine_digests(self.shape, digests[n]) for n in names}
+        self._lock.check()
+        seal_group(self.path, "inputs", {"checksums": checksums})
 
     def _write_group(
         self,
@@ -387,6 +394,7 @@ class ZarrSink:
         )
         ds.attrs = {"iteration": k, "wcs": dict(self.data.attrs["wcs"])}
         target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
+        target.update(WRITE_OPTIONS)
         batches = tile_batches(tiles, self.chunks) if tiles is not None else []
         if len(batches) <= 1:
             write = ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
@@ -407,15 +415,15 @@ class ZarrSink:
         return out
 
     def _mark(self, k: int, attrs: dict[str, Any]) -> None:
-        group = zarr.open_group(str(self.path), path=group_name(k), mode="r+")
-        group.attrs.update({**json_value(attrs), COMPLETE: True})
+        self._lock.check()
+        seal_group(self.path, group_name(k), attrs)
 
     def _inputs_ds(self) -> xr.Dataset:
         if self._inputs is None:
             self._inputs = open_dataset(self.path, "inputs")
         return self._inputs
 
-    def _opencompose_state(self, k: int) -> xr.Dataset:
+    def _open_state(self, k: int) -> xr.Dataset:
         return compose_state(self._inputs_ds(), open_dataset(self.path, group_name(k)))
 
     def _resume(self) -> tuple[xr.Dataset, list[IterationInfo]] | None:
@@ -428,34 +436,35 @@ class ZarrSink:
                 raise StoreError(f"{path}: corrupted store, complete iterations without inputs")
             return None  # killed while writing the inputs: start over
         self._check_inputs()
+        check_group(path, "inputs", full=True)
+        state, done = None, []
+        if complete:  # everything is checked before anything is deleted
+            last = complete[-1]
+            group = open_group(path, group_name(last))
+            done = table_infos(path, last, dict(group.attrs)) if last else []
+            if len(done) > self.settings.max_iter:
+                raise StoreError(
+                    f"{path} already holds {len(done)} iterations, more than max_iter="
+                    f"{self.settings.max_iter}"
+                )
+            state = self._open_state(last)
+            expected = expected_variables(self.shape, self.settings.kernels)
+            check_dataset(path, group_name(last), state, expected)
+            check_group(path, group_name(last), full=True)
         for k in iteration_dirs(path):
-            if k not in complete or (complete and k > complete[-1]):
+            if k not in complete or k > complete[-1]:
                 delete_group(path, group_name(k))
-        if not complete:
-            initial = initial_state(
-                self._inputs_ds(), self.settings.kernels, dtype=self.settings.dtype
-            )
-            self._write_group(0, initial)
+        if state is None:
+            kernels, dtype = self.settings.kernels, self.settings.dtype
+            self._write_group(0, initial_state(self._inputs_ds(), kernels, dtype=dtype))
             self._mark(0, {"iteration": 0, "table": []})
-            complete = [0]
-        last = complete[-1]
-        group = open_group(path, group_name(last))
-        done = table_infos(path, last, dict(group.attrs)) if last else []
-        if len(done) > self.settings.max_iter:
-            raise StoreError(
-                f"{path} already holds {len(done)} iterations, more than max_iter="
-                f"{self.settings.max_iter}"
-            )
-        state = self._opencompose_state(last)
-        expected = expected_variables(self.shape, self.settings.kernels)
-        check_dataset(path, group_name(last), state, expected)
+            complete, state = [0], self._open_state(0)
         if not self.settings.keep_history:
             for old in complete[:-1]:
                 delete_group(path, group_name(old))
         self._table = [info.attrs() for info in done]
         status = self._status(len(done), done[-1].converged) if done else STATUS_RUNNING
-        root = zarr.open_group(str(path), mode="r+")
-        root.attrs.update({"parameters": json_value(self.settings.parameters()), "status": status})
+        update_root(path, {"parameters": self.settings.parameters(), "status": status})
         consolidate(path)
         return state, done
 
@@ -475,45 +484,11 @@ class ZarrSink:
         stored = group.attrs.get("checksums")
         if not isinstance(stored, dict) or set(stored) != set(names):
             raise StoreError(f"{path}: corrupted store, bad 'checksums' attr of the inputs")
-        digests = {n: _block_digests(self.data[n].data, self.chunks) for n in names}
+        digests = {n: block_digests(self.data[n].data, self.chunks) for n in names}
         (digests,) = dask.compute(digests)
         for n in names:
-            if _combine(self.shape, digests[n]) != stored[n]:
+            if combine_digests(self.shape, digests[n]) != stored[n]:
                 raise StoreError(f"{path} holds other input maps: '{n}' differs (checksum)")
-
-
-def tile_batches(
-    tiles: tuple[tuple[int, ...], tuple[int, ...]],
-    align: tuple[int, int] = (1, 1),
-    *,
-    threads: int | None = None,
-) -> list[dict[str, slice]]:
-    """Regions of about ``side x side`` tiles covering a map, row by row: the groups of tiles
-    a batched write computes one after the other.
-
-    ``tiles`` are the (y, x) chunks of the tiles; region edges are tile edges that are also
-    multiples of ``align`` (the store's chunks, so that no two regions write one zarr chunk).
-    ``side`` is the smallest integer with ``side**2 >= 4 * threads`` and at least 4 (16 tiles
-    on a 2-core machine): enough tiles to keep every thread busy, few enough that memory holds
-    a fixed number of tiles. ``threads`` defaults to the local scheduler's (dask's
-    ``num_workers`` setting, else the CPU count).
-    """
-    if threads is None:
-        threads = dask.config.get("num_workers", None) or CPU_COUNT
-    side = max(4, math.isqrt(4 * threads - 1) + 1)
-    ys, xs = (_batch_edges(axis, step, side) for axis, step in zip(tiles, align, strict=True))
-    return [
-        {"y": slice(y0, y1), "x": slice(x0, x1)}
-        for y0, y1 in itertools.pairwise(ys)
-        for x0, x1 in itertools.pairwise(xs)
-    ]
-
-
-def _batch_edges(chunks: tuple[int, ...], align: int, side: int) -> list[int]:
-    """Every ``side``-th tile edge along one axis that is a multiple of ``align``, with the
-    axis ends."""
-    edges = [int(e) for e in np.cumsum(chunks)[:-1] if e % align == 0]
-    return [0, *edges[side - 1 :: side], int(sum(chunks))]
 
 
 def _distributed() -> bool:

@@ -20,10 +20,11 @@ from dask.utils import key_split
 
 import cwtflow
 from cwtflow.core import combine_moments, residual_moments
+from cwtflow.halo import tile_batches
 from cwtflow.history import open_history, read_result
 from cwtflow.state import STATE_VARS, VARIABLES, initial_state
 from cwtflow.store import COMPLETE
-from cwtflow.store_writer import ZarrSink, tile_batches
+from cwtflow.store_writer import ZarrSink
 
 KERNELS = cwtflow.CWTKernels(2, 2.0, 2.0)
 

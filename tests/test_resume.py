@@ -35,7 +35,7 @@ KERNELS = cwtflow.CWTKernels(2, 2.0, 2.0)
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, time
+    import json, shutil, sys, time
     from pathlib import Path
 
     sys.path.insert(0, sys.argv[1])
@@ -72,7 +72,7 @@ CHILD = textwrap.dedent(
             pause()
         return out
 
-    original_rmtree = history.shutil.rmtree
+    original_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
         if point == "mid_prune" and Path(path).name == f"{k - 1:04d}":
@@ -82,7 +82,7 @@ CHILD = textwrap.dedent(
     if point == "mid_write":
         LocalStore.set = set_and_maybe_pause
     history.ZarrSink.complete = complete
-    history.shutil.rmtree = rmtree
+    shutil.rmtree = rmtree  # the stores' group deletion (cwtflow.store.delete_group)
 
     if spec["cli"]:
         from cwtflow.cli import main
