@@ -1,5 +1,9 @@
 """FITS storage: input sky maps in and out, CWT states out and back, atomic file writes.
 
+`read_maps` reads FITS or zarr maps through `cwtflow.inputs` (lazy chunk-wise reads of large
+inputs, separate background/exposure files, one-bin energy cubes; gzip above 256 MiB is
+converted once with `cwtflow.convert`).
+
 Layout of a state file written by `write_state` (HDU order)::
 
     PRIMARY        no data; run summary cards (ITERS, CONVERGD, NSCALE, ... RESVARn) and
@@ -8,7 +12,9 @@ Layout of a state file written by `write_state` (HDU order)::
                    (derived ones included; booleans stored as unsigned bytes)
     TRANSFORM_3D, ERROR, SUPPORT   the (scale, y, x) cubes; third FITS axis = scale index
     SCALES         binary table, column SCALE: the scale values (pixels)
-    LON, LAT       pixel-centre sky coordinates (deg), stored so the round trip is exact
+    LON, LAT       pixel-centre sky coordinates (deg), stored so the round trip is exact:
+                   1-D (longitude per column, latitude per row, no WCS cards) for a separable
+                   grid, absent when the state has none (the WCS cards are the grid)
 
 Every image HDU carries the map's WCS cards, ``BUNIT`` and bookkeeping cards (``CWTVAR``,
 ``CWTKIND``, ``CWTDIMS``, ``CWTDTYPE``, ``VARATTRS``) that let `read_state` rebuild the Dataset
@@ -19,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import secrets
 import warnings
@@ -30,11 +35,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
+from astropy.wcs import FITSFixedWarning
 
 from .analysis import images
 from .errors import InputError, StoreError
-from .maps import make_maps, validate_maps, wcs_from_attrs
+from .inputs import Source, existing_file, read_inputs
+from .maps import validate_layout, validate_maps, wcs_from_attrs
 from .state import CARRIED, CUBES, IMAGES, STATE_VARS
 from .version import __version__
 
@@ -52,8 +58,6 @@ HDUKey = str | int
 
 #: Card in the primary header that marks a cwtflow state file (its value: the writer's version).
 MARKER = "CWTFLOW"
-#: Core WCS keywords named in mismatch messages (ancillary ones such as DATE-OBS are ignored).
-_WCS_KEYS = ("CTYPE", "CUNIT", "CRPIX", "CRVAL", "CDELT", "PC", "CD", "LONPOLE", "LATPOLE")
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,88 +129,11 @@ def atomic_output(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
 # Input maps
 
 
-def _existing_file(path: PathLike, error: type[Exception]) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise error(f"file not found: {path}")
-    if not path.is_file():
-        raise error(f"not a file: {path}")
-    return path
-
-
 def _open_fits(path: Path, error: type[Exception]) -> fits.HDUList:
     try:
         return fits.open(path, memmap=False)
     except OSError as exc:
         raise error(f"cannot read {path} as FITS: {exc}") from None
-
-
-def _hdu_label(hdu: fits.hdu.base._BaseHDU, index: int) -> str:
-    return hdu.name or f"#{index}"
-
-
-def _get_hdu(hdul: fits.HDUList, key: HDUKey, path: Path) -> fits.hdu.base._BaseHDU:
-    try:
-        return hdul[key]
-    except (KeyError, IndexError):
-        have = ", ".join(_hdu_label(h, i) for i, h in enumerate(hdul))
-        raise InputError(f"HDU {key!r} not found in {path.name}; it has: {have}") from None
-
-
-def _celestial_wcs(header: fits.Header, label: str) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        try:
-            wcs = WCS(header)
-        except (ValueError, KeyError, MemoryError) as exc:
-            raise InputError(f"HDU {label!r} has an unusable WCS: {exc}") from None
-    if wcs.naxis != 2 or not wcs.has_celestial or wcs.celestial.naxis != 2:
-        raise InputError(f"HDU {label!r} has no 2-D celestial WCS (CTYPE {list(wcs.wcs.ctype)})")
-    if (wcs.wcs.lng, wcs.wcs.lat) != (0, 1):
-        raise InputError(
-            f"HDU {label!r}: longitude must be the first (x) axis and latitude the second "
-            f"(CTYPE {list(wcs.wcs.ctype)})"
-        )
-    return wcs
-
-
-def _wcs_differences(a: WCS, b: WCS) -> list[str]:
-    """Core WCS cards whose values differ between ``a`` and ``b`` (for messages)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        ha, hb = a.to_header(), b.to_header()
-    keys = [k for k in dict.fromkeys([*ha, *hb]) if k.rstrip("0123456789_").startswith(_WCS_KEYS)]
-    out = []
-    for key in keys:
-        va, vb = ha.get(key), hb.get(key)
-        same = (
-            math.isclose(va, vb, rel_tol=1e-10, abs_tol=1e-10)
-            if isinstance(va, float) and isinstance(vb, float)
-            else va == vb
-        )
-        if not same:
-            out.append(f"{key} {va!r} vs {vb!r}")
-    return out
-
-
-def _read_image(
-    hdul: fits.HDUList, key: HDUKey, role: str, path: Path
-) -> tuple[np.ndarray, WCS, str]:
-    hdu = _get_hdu(hdul, key, path)
-    label = hdu.name or str(key)
-    if not isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
-        raise InputError(f"{role} HDU {label!r} is a {type(hdu).__name__}, not an image")
-    try:
-        data = hdu.data
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot read {role} HDU {label!r} of {path.name}: {exc}") from None
-    if data is None or data.size == 0:
-        raise InputError(f"empty map: {role} HDU {label!r} has no pixels")
-    if data.ndim != 2:
-        raise InputError(f"{role} HDU {label!r} is not a 2-D image (shape {data.shape})")
-    image = np.array(data, dtype=np.float64)
-    wcs = _celestial_wcs(hdu.header, label)
-    return image, wcs, label
 
 
 def read_maps(
@@ -215,65 +142,71 @@ def read_maps(
     counts_hdu: HDUKey = "COUNTS",
     background_hdu: HDUKey = "BACKGROUND",
     exposure_hdu: HDUKey | None = None,
-    check_values: bool = True,
+    background: Source | None = None,
+    exposure: Source | None = None,
+    chunks: Any = "auto",
+    check_values: bool | None = None,
 ) -> xr.Dataset:
-    """Read counts and background maps (and optionally exposure) from one FITS file.
+    """Read counts and background maps (and optionally exposure) from FITS or zarr.
 
     Parameters
     ----------
     path : path-like
-        FITS file (``.fits`` or ``.fits.gz``) holding the images on one celestial grid.
+        FITS file (``.fits`` or ``.fits.gz``) holding the images on one celestial grid, or a
+        zarr directory (a Dataset written by cwtflow/xarray, e.g. by ``cwtflow convert``, or a
+        plain zarr group with 2-D ``counts``/``background`` (``exposure``) arrays and the WCS
+        cards in ``attrs["wcs"]``). How each is read: `cwtflow.inputs`.
     counts_hdu, background_hdu : str or int
         Names (EXTNAME, case-insensitive; ``"PRIMARY"`` for an unnamed primary HDU) or indices
-        of the counts and predicted-background images, each of shape (ny, nx).
+        of the counts and predicted-background images, each of shape (ny, nx) (or a one-bin
+        energy cube (1, ny, nx), squeezed).
     exposure_hdu : str or int, optional
         HDU of the exposure map (cm2 s). ``None`` (default) reads an HDU named ``EXPOSURE``
         when the file has one and otherwise goes without exposure; a name or index makes that
         HDU required. Exposure found either way is checked like the background (shape, WCS,
         finite and non-negative values).
-    check_values : bool
-        Refuse NaN, infinite or negative pixels here. ``False`` leaves that pass over the pixels
-        to `CWT.analyze`, which validates its input anyway (the command line reads this way,
-        so that the pixels are checked once).
+    background, exposure : path or (path, HDU), optional
+        Read that map from another FITS file instead (``"bkg.fits[BACKGROUND]"`` also works);
+        without an HDU, the one named BACKGROUND / EXPOSURE, else the file's only image.
+    chunks : "auto", None, int or (int, int)
+        ``None``: numpy arrays in memory. A tile size: dask arrays read chunk by chunk from
+        the file (an uncompressed FITS through a memory map, zarr chunk-wise). ``"auto"``
+        (default): lazy with 1024 x 1024 tiles when the maps hold more than 256 MiB as
+        float64 (`cwtflow.inputs.IN_MEMORY_BYTES`), in memory otherwise. A compressed FITS
+        above that size is refused: convert it once (``cwtflow convert``).
+    check_values : bool, optional
+        Refuse NaN, infinite or negative pixels here. ``None`` (default): for an in-memory
+        read; a lazy read is checked by `CWT.analyze` in the computation that first reads its
+        pixels (no pass of its own). ``False`` leaves the check to `CWT.analyze` in every case
+        (the command line reads this way); ``True`` checks here, lazy or not.
 
     Returns
     -------
     xarray.Dataset
         As `cwtflow.make_maps`: float64 ``counts``, ``background`` (and ``exposure``) on
-        (y, x), ``lon``/``lat`` coordinates and the WCS of the counts HDU in ``attrs["wcs"]``.
+        (y, x), 1-D ``lon``/``lat`` coordinates when the grid is separable and the WCS of the
+        counts in ``attrs["wcs"]``.
 
     Raises
     ------
     InputError
         Missing file or HDU (the message lists the HDUs the file has), a non-image or empty
-        HDU, shape or WCS mismatch between the HDUs, a WCS that is not 2-D celestial with
-        longitude on x, NaN/infinite or negative pixels.
+        HDU, a cube of more than one plane, shape or WCS mismatch between the maps, a WCS that
+        is not 2-D celestial with longitude on x, NaN/infinite or negative pixels.
     """
-    path = _existing_file(path, InputError)
-    with _open_fits(path, InputError) as hdul:
-        counts, wcs, counts_label = _read_image(hdul, counts_hdu, "counts", path)
-        layers = {"counts": (counts, counts_label)}
-        keys = {"background": background_hdu}
-        if exposure_hdu is not None:
-            keys["exposure"] = exposure_hdu
-        elif "EXPOSURE" in hdul:
-            keys["exposure"] = "EXPOSURE"
-        for role, key in keys.items():
-            image, other_wcs, label = _read_image(hdul, key, role, path)
-            if image.shape != counts.shape:
-                raise InputError(
-                    f"{role} HDU {label!r} and counts HDU {counts_label!r} shapes differ: "
-                    f"{image.shape} vs {counts.shape}"
-                )
-            if not wcs.wcs.compare(other_wcs.wcs, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-10):
-                diff = "; ".join(_wcs_differences(other_wcs, wcs)) or "projection parameters"
-                raise InputError(
-                    f"WCS of {role} HDU {label!r} differs from counts HDU {counts_label!r}: {diff}"
-                )
-            layers[role] = (image, label)
-    exposure = layers.get("exposure", (None, None))[0]
-    data = make_maps(counts, layers["background"][0], wcs, exposure=exposure)
-    return validate_maps(data) if check_values else data
+    data = read_inputs(
+        path,
+        counts_hdu=counts_hdu,
+        background_hdu=background_hdu,
+        exposure_hdu=exposure_hdu,
+        background=background,
+        exposure=exposure,
+        chunks=chunks,
+    )
+    lazy = data["counts"].chunks is not None
+    if check_values or (check_values is None and not lazy):
+        return validate_maps(data)
+    return validate_layout(data)
 
 
 def _wcs_header(attrs: Mapping[str, Any]) -> fits.Header:
@@ -449,7 +382,9 @@ def write_state(state: xr.Dataset, path: PathLike, *, overwrite: bool = False) -
     hdus.append(table)
     for name in ("lon", "lat"):
         if name in state.coords:
-            hdus.append(_image_hdu(name, "coord", state[name].variable, wcs_header))
+            var = state[name].variable  # 1-D (on x / on y) since maps builds 1-D coordinates
+            header = wcs_header if var.ndim == 2 else fits.Header()
+            hdus.append(_image_hdu(name, "coord", var, header))
     with atomic_output(path, overwrite=overwrite) as tmp:
         fits.HDUList(hdus).writeto(tmp)
     return Path(path).expanduser()
@@ -482,7 +417,7 @@ def read_state(path: PathLike) -> xr.Dataset:
     StoreError
         Missing or unreadable file, or a file that is not a complete cwtflow state.
     """
-    path = _existing_file(path, StoreError)
+    path = existing_file(path, StoreError)
     with _open_fits(path, StoreError) as hdul:
         primary = hdul[0].header
         if MARKER not in primary:
