@@ -15,15 +15,11 @@ import math
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import astropy.units as u
 import click
-import xarray as xr
-from astropy.table import Table
 from tqdm import tqdm
 
-from .analysis import state_metrics
 from .cli_options import (
     CATALOG_DEFAULTS,
     analyze_kwargs,
@@ -33,14 +29,19 @@ from .cli_options import (
     load_maps,
     map_options,
     output_options,
+    source_kwargs,
+    source_options,
     write_result,
 )
-from .engine import CWT
 from .errors import CWTFlowError, InputError, StoreError
 from .formats import catalog_format, is_store, result_format
-from .io import check_output, read_state, write_maps
-from .iteration import IterationInfo, iteration_table
-from .kernels import CWTKernels
+
+if TYPE_CHECKING:  # heavy modules load when a command needs them: `cwtflow --help` is fast
+    import xarray as xr
+    from astropy.table import Table
+
+    from .engine import CWT
+    from .iteration import IterationInfo
 
 __all__ = ["cli", "main"]
 
@@ -199,7 +200,10 @@ def cli() -> None:
 @cwt_options
 @output_options
 def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
-    """Run the CWT on MAPS (a FITS file with counts and background) and write the result."""
+    """Run the CWT on MAPS (a FITS file with counts and background, or a .zarr of them) and
+    write the result."""
+    from .io import check_output
+
     out = check_result(out, overwrite=options["overwrite"], resume=options["resume"])
     if result_format(out) == "zarr":
         options["store"] = out
@@ -219,6 +223,8 @@ def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
 
 def _check_folder(folder: Path, names: list[str], *, overwrite: bool) -> None:
     """The output folder (or its nearest existing ancestor) can take ``names``."""
+    from .io import check_output
+
     if folder.exists():
         for name in names:
             check_output(folder / name, overwrite=overwrite, hint="--overwrite")
@@ -262,6 +268,7 @@ def _check_folder(folder: Path, names: list[str], *, overwrite: bool) -> None:
 def demo(folder: Path, seed: int, size: tuple[int, int], n_sources: int | None, **options: Any):
     """Simulate a sky with known sources, run the CWT on it and write maps, true sources,
     result and a PNG of the result's images."""
+    from .io import write_maps
     from .plotting import plot_images
     from .simulate import simulate_sky
 
@@ -301,6 +308,13 @@ def _echo_table(title: str, table: Table) -> None:
 @click.argument("result", type=click.Path(path_type=Path))
 def info(result: Path) -> None:
     """Print the kernels, the iterations and the metric tables of a RESULT file."""
+    from astropy.table import Table
+
+    from .analysis import state_metrics
+    from .io import read_state
+    from .iteration import IterationInfo, iteration_table
+    from .kernels import CWTKernels
+
     if is_store(result):
         from .history import open_history
 
@@ -384,7 +398,10 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     next to its history (group 'catalog')."""
     import warnings
 
+    import astropy.units as u
+
     from .catalog_files import write_catalog, write_regions
+    from .io import check_output
     from .store_catalog import catalog_of_result, write_store_catalog
 
     try:
@@ -415,6 +432,33 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     if regions is not None:
         write_regions(table, regions, overwrite=overwrite)
         click.echo(f"wrote {regions}")
+
+
+# --------------------------------------------------------------------------------------------
+# cwtflow convert: input maps converted once (kept apart from the other commands)
+
+
+@cli.command()
+@click.argument("maps", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@source_options
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Zarr chunk side (pixels); memory holds CHUNK rows of one map at a time.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
+def convert(maps: Path, out: Path, chunk: int, overwrite: bool, **options: Any) -> None:
+    """Convert FITS MAPS (e.g. a large .fits.gz) once into a zarr store OUT (.zarr) that
+    `cwtflow run` reads chunk by chunk, streaming with bounded memory."""
+    from .convert import convert_maps
+
+    if out.suffix != ".zarr":
+        raise click.UsageError(f"OUT must be a .zarr directory, got {out}")
+    convert_maps(maps, out, chunk=chunk, overwrite=overwrite, **source_kwargs(options))
+    click.echo(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

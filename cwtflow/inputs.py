@@ -180,7 +180,9 @@ def _label(hdu: Any, index: int) -> str:
 
 def _index(hdul: fits.HDUList, key: HDUKey, path: Path) -> int:
     try:
-        return hdul.index_of(key)
+        index = hdul.index_of(key)
+        hdul[index]  # an integer key is not checked by index_of
+        return index
     except (KeyError, IndexError):
         have = ", ".join(_label(h, i) for i, h in enumerate(hdul))
         raise InputError(f"HDU {key!r} not found in {path.name}; it has: {have}") from None
@@ -379,7 +381,9 @@ def read_inputs(
 
                 section = im.section()
                 name = f"fits-{role}-" + _token(section)
-                arrays[role] = da.from_array(section, chunks=tiles, name=name)
+                arrays[role] = da.from_array(
+                    section, chunks=tiles, name=name, meta=np.empty((0, 0))
+                )
     finally:
         for hdul, _ in opened.values():
             hdul.close()

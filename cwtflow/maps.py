@@ -52,9 +52,7 @@ def _check_celestial(wcs: WCS) -> WCS:
     return wcs
 
 
-def sky_coordinates(
-    wcs: WCS, shape: tuple[int, int], *, chunks: Any = None
-) -> tuple[Any, Any]:
+def sky_coordinates(wcs: WCS, shape: tuple[int, int], *, chunks: Any = None) -> tuple[Any, Any]:
     """Longitude and latitude (deg) of every pixel centre, each of ``shape`` (y, x).
 
     Longitudes are continuous across the map: they lie in (c - 180, c + 180] where c is the

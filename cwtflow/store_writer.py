@@ -41,7 +41,7 @@ from dask.system import CPU_COUNT
 
 from .errors import InputError, StoreError
 from .iteration import IterationInfo, Settings
-from .maps import wcs_from_attrs
+from .maps import raise_pixel_errors, wcs_from_attrs
 from .state import STATE_VARS, VARIABLES, initial_state
 from .store import (
     COMPLETE,
@@ -207,20 +207,24 @@ class ZarrSink:
 
     # -- protocol ----------------------------------------------------------------------------
 
-    def start(self, state: xr.Dataset) -> tuple[xr.Dataset, list[IterationInfo]]:
+    def start(
+        self, state: xr.Dataset, *, checks: dict[str, Any] | None = None
+    ) -> tuple[xr.Dataset, list[IterationInfo]]:
         """Prepare the store; the state to continue from and the iterations already done.
 
         A new store receives the inputs and ``state`` (the initial state) as iteration 0. A
         resumed store is checked against the inputs and cleaned of partial groups.
+        ``checks`` (`cwtflow.maps.pixel_checks` of a lazy input) are computed with the write
+        (or the checksums) of the inputs; bad pixels raise `InputError` and leave no store.
         """
         if self._existing and self.resume:
-            resumed = self._resume()
+            resumed = self._resume(checks)
             if resumed is not None:
                 return resumed
         if self._existing:
             shutil.rmtree(self.path)
         self._create()
-        self._write_inputs()
+        self._write_inputs(checks)
         self._write_group(0, state)
         self._mark(0, {"iteration": 0, "table": []})
         return self._opencompose_state(0), []
@@ -335,7 +339,7 @@ class ZarrSink:
                 out[name] = var.chunk({d: spec[d] for d in var.dims if d in spec})
         return out
 
-    def _write_inputs(self) -> None:
+    def _write_inputs(self, checks: dict[str, Any] | None = None) -> None:
         data = self.data
         names = [n for n in INPUT_VARS if n in data]
         coords = [c for c in ("lon", "lat") if c in data.coords]
@@ -354,7 +358,13 @@ class ZarrSink:
             compute=False,
             encoding=self._encoding(ds),
         )
-        _, digests = dask.compute(write, digests)
+        _, digests, values = dask.compute(write, digests, checks)
+        if values is not None:
+            try:
+                raise_pixel_errors(data, values)
+            except InputError:
+                shutil.rmtree(self.path, ignore_errors=True)  # created by this run: bad input
+                raise
         checksums = {n: _combine(self.shape, digests[n]) for n in names}
         group = zarr.open_group(str(self.path), path="inputs", mode="r+")
         group.attrs.update({"checksums": checksums, COMPLETE: True})
@@ -413,7 +423,9 @@ class ZarrSink:
     def _opencompose_state(self, k: int) -> xr.Dataset:
         return compose_state(self._inputs_ds(), open_dataset(self.path, group_name(k)))
 
-    def _resume(self) -> tuple[xr.Dataset, list[IterationInfo]] | None:
+    def _resume(
+        self, checks: dict[str, Any] | None = None
+    ) -> tuple[xr.Dataset, list[IterationInfo]] | None:
         """Continue an existing store; None when it holds nothing worth keeping."""
         path = self.path
         inputs = open_group(path, "inputs")
@@ -422,7 +434,7 @@ class ZarrSink:
             if complete:
                 raise StoreError(f"{path}: corrupted store, complete iterations without inputs")
             return None  # killed while writing the inputs: start over
-        self._check_inputs()
+        self._check_inputs(checks)
         for k in iteration_dirs(path):
             if k not in complete or (complete and k > complete[-1]):
                 delete_group(path, group_name(k))
@@ -450,7 +462,7 @@ class ZarrSink:
         root.attrs.update({"parameters": json_value(self.settings.parameters()), "status": status})
         return state, done
 
-    def _check_inputs(self) -> None:
+    def _check_inputs(self, checks: dict[str, Any] | None = None) -> None:
         """Refuse a store whose inputs differ from ``data`` (arrays, then checksums)."""
         path = self.path
         inputs = self._inputs_ds()
@@ -467,7 +479,9 @@ class ZarrSink:
         if not isinstance(stored, dict) or set(stored) != set(names):
             raise StoreError(f"{path}: corrupted store, bad 'checksums' attr of the inputs")
         digests = {n: _block_digests(self.data[n].data, self.chunks) for n in names}
-        (digests,) = dask.compute(digests)
+        digests, values = dask.compute(digests, checks)
+        if values is not None:
+            raise_pixel_errors(self.data, values)
         for n in names:
             if _combine(self.shape, digests[n]) != stored[n]:
                 raise StoreError(f"{path} holds other input maps: '{n}' differs (checksum)")
