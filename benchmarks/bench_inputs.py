@@ -12,7 +12,8 @@ Three parts, each a subprocess or a timing in this process, interleaved rounds, 
    read_maps / astropy <= 1.5.
 3. Peak RSS of `cwtflow.convert.convert_maps` on the same maps gzip-compressed, at
    ``--convert-size`` (default 8192), in a subprocess (psutil RSS after imports, the kernel's
-   ``ru_maxrss`` at the end), against astropy reading the gzip file (the whole HDUs).
+   ``VmHWM`` of that process at the end: ``ru_maxrss`` would include the parent's RSS at
+   fork), against astropy reading the gzip file (the whole HDUs).
 
 Run::
 
@@ -40,20 +41,26 @@ from cwtflow.maps import default_wcs
 
 HELP = "from cwtflow.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
 CONVERT = """
-import resource, sys, psutil
+import sys, psutil
+def _peak_mib():
+    with open('/proc/self/status') as f:  # VmHWM: this process's own peak (not inherited)
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) // 1024
 from cwtflow.convert import convert_maps
 base = psutil.Process().memory_info().rss
 convert_maps(sys.argv[1], sys.argv[2], chunk=int(sys.argv[3]))
-print(base // 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(base // 2**20, _peak_mib())
 """
 ASTROPY = """
-import resource, sys, psutil
+import sys, psutil
+def _peak_mib():
+    with open('/proc/self/status') as f:  # VmHWM: this process's own peak (not inherited)
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) // 1024
 import numpy as np
 from astropy.io import fits
 base = psutil.Process().memory_info().rss
 with fits.open(sys.argv[1]) as hdul:
     total = sum(float(np.asarray(h.data, dtype=np.float64).sum()) for h in hdul)
-print(base // 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(base // 2**20, _peak_mib())
 """
 
 

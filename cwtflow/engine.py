@@ -195,7 +195,7 @@ class CWT:
             )
         # a lazy input's pixels are checked in the computation that first reads them (the
         # sink's start: the store's input write, or the persist of the initial state)
-        lazy_input = _is_lazy(data)
+        lazy_input = isinstance(data, xr.Dataset) and _is_lazy(data)
         data = validate_layout(data) if lazy_input else validate_maps(data)
         if chunks is not None:
             data = data.chunk(_chunk_spec(chunks))

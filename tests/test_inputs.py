@@ -290,11 +290,14 @@ def test_galactic_centre_fits_has_continuous_1d_coordinates(fits_file):
 # Memory of a conversion (subprocess, peak RSS)
 
 _PEAK_RSS = """
-import resource, sys
+import sys
 from cwtflow.convert import convert_maps
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # this process's peak RSS, KiB (ru_maxrss would include the parent's at fork)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+base = hwm()
 convert_maps(sys.argv[1], sys.argv[2], chunk=int(sys.argv[3]))
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, hwm())
 """
 
 
