@@ -1,17 +1,9 @@
-"""cwtflow: iterative continuous-wavelet-transform source detection for gamma-ray sky maps."""
+"""cwtflow: iterative continuous-wavelet-transform source detection for gamma-ray sky maps.
 
-from .analysis import (
-    cube_metrics,
-    cubes,
-    derived_images,
-    difference,
-    image_metrics,
-    images,
-    state_metrics,
-)
-from .catalog import find_sources
-from .catalog_files import read_catalog, write_catalog, write_regions
-from .engine import CWT
+The public names load their module on first use (PEP 562), so that importing a submodule such
+as `cwtflow.cli` does not import numpy, dask, xarray and astropy first (``cwtflow --help``).
+"""
+
 from .errors import (
     ClusterError,
     CWTFlowError,
@@ -21,17 +13,45 @@ from .errors import (
     ResourceError,
     StoreError,
 )
-from .history import History, open_history, read_result
-from .io import read_maps, write_maps
-from .iteration import IterationInfo
-from .kernels import CWTKernels
-from .maps import cutout, make_maps, map_center, validate_maps, wcs_from_attrs
-from .simulate import simulate_sky
-from .state_files import read_state, write_state
-from .store_catalog import read_store_catalog, write_store_catalog
-from .store_integrity import verify_store
-from .survey import Survey, SurveyResult, run_survey
 from .version import __version__
+
+#: public name -> module that defines it
+_LAZY = {
+    "cube_metrics": "analysis",
+    "cubes": "analysis",
+    "derived_images": "analysis",
+    "difference": "analysis",
+    "image_metrics": "analysis",
+    "images": "analysis",
+    "state_metrics": "analysis",
+    "find_sources": "catalog",
+    "read_catalog": "catalog_files",
+    "write_catalog": "catalog_files",
+    "write_regions": "catalog_files",
+    "CWT": "engine",
+    "History": "history",
+    "open_history": "history",
+    "read_result": "history",
+    "read_maps": "io",
+    "read_state": "state_files",
+    "write_maps": "io",
+    "write_state": "state_files",
+    "IterationInfo": "iteration",
+    "CWTKernels": "kernels",
+    "cutout": "maps",
+    "make_maps": "maps",
+    "map_center": "maps",
+    "validate_maps": "maps",
+    "wcs_from_attrs": "maps",
+    "plot_images": "plotting",
+    "simulate_sky": "simulate",
+    "read_store_catalog": "store_catalog",
+    "write_store_catalog": "store_catalog",
+    "verify_store": "store_integrity",
+    "Survey": "survey",
+    "SurveyResult": "survey",
+    "run_survey": "survey",
+}
 
 __all__ = [
     "CWT",
@@ -80,9 +100,21 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``plot_images`` is loaded on first use: matplotlib is slow to import."""
-    if name == "plot_images":
-        from .plotting import plot_images
+    """Load a public name's module on first use (matplotlib, dask, xarray are slow to import)."""
+    import importlib
 
-        return plot_images
-    raise AttributeError(f"module 'cwtflow' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:  # a submodule, as `import cwtflow; cwtflow.maps` always allowed
+        if not name.startswith("_"):
+            try:
+                return importlib.import_module(f".{name}", __name__)
+            except ModuleNotFoundError:
+                pass
+        raise AttributeError(f"module 'cwtflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -19,13 +19,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import astropy.units as u
 import click
-from astropy.table import Table
 
-from .analysis import state_metrics
 from .cli_demo import DEMO_FILES, demo
 from .cli_options import (
     CATALOG_DEFAULTS,
@@ -38,6 +35,8 @@ from .cli_options import (
     output_options,
     recorded_options,
     resume_options,
+    source_kwargs,
+    source_options,
     write_result,
 )
 from .cli_run import (
@@ -50,11 +49,9 @@ from .cli_run import (
 )
 from .errors import CWTFlowError, InputError, StoreError
 from .formats import catalog_format, is_store, result_format
-from .io import check_output
-from .iteration import IterationInfo, iteration_table
-from .kernels import CWTKernels
-from .provenance import provenance
-from .state_files import read_state
+
+if TYPE_CHECKING:  # heavy modules load when a command needs them: `cwtflow --help` is fast
+    from astropy.table import Table
 
 __all__ = ["DEMO_FILES", "cli", "main"]
 
@@ -184,11 +181,15 @@ cli.add_command(demo)
 @log_options
 @click.pass_context
 def run(ctx: click.Context, maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
-    """Run the CWT on MAPS (a FITS file with counts and background) and write the result.
+    """Run the CWT on MAPS (a FITS file with counts and background, or a .zarr of them) and
+    write the result.
 
     The result records its provenance: date, command line, input files with their sha256 and
     package versions (FITS primary header; store root attr 'provenance').
     """
+    from .io import check_output
+    from .provenance import provenance
+
     quiet = setup_logging(ctx, options)
     out = check_result(out, overwrite=options["overwrite"], resume=options["resume"])
     store = result_format(out) == "zarr"
@@ -249,6 +250,13 @@ def _echo_table(title: str, table: Table) -> None:
 @click.argument("result", type=click.Path(path_type=Path))
 def info(result: Path) -> None:
     """Print the kernels, the iterations and the metric tables of a RESULT file."""
+    from astropy.table import Table
+
+    from .analysis import state_metrics
+    from .iteration import IterationInfo, iteration_table
+    from .kernels import CWTKernels
+    from .state_files import read_state
+
     if is_store(result):
         from .history import open_history
 
@@ -351,7 +359,11 @@ def catalog(
     given or --recompute: then the sources are found again, and replacing the kept catalog
     needs --overwrite.
     """
+    import astropy.units as units
+
     from .catalog_files import write_catalog, write_regions
+    from .io import check_output
+    from .provenance import provenance
     from .store_catalog import catalog_of_result, read_store_catalog, write_store_catalog
     from .store_meta import consolidate
 
@@ -399,7 +411,7 @@ def catalog(
                 result,
                 exposure_maps=maps,
                 overwrite=overwrite,
-                psf_sigma=None if psf is None else psf * u.deg,
+                psf_sigma=None if psf is None else psf * units.deg,
                 **options,
             )
         source = ""
@@ -447,6 +459,33 @@ def unlock(store: Path) -> None:
 from .cli_survey import survey  # noqa: E402
 
 cli.add_command(survey)
+
+
+# --------------------------------------------------------------------------------------------
+# cwtflow convert: input maps converted once
+
+
+@cli.command()
+@click.argument("maps", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@source_options
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Zarr chunk side (pixels); memory holds CHUNK rows of one map at a time.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
+def convert(maps: Path, out: Path, chunk: int, overwrite: bool, **options: Any) -> None:
+    """Convert FITS MAPS (e.g. a large .fits.gz) once into a zarr store OUT (.zarr) that
+    `cwtflow run` reads chunk by chunk, streaming with bounded memory."""
+    from .convert import convert_maps
+
+    if out.suffix != ".zarr":
+        raise click.UsageError(f"OUT must be a .zarr directory, got {out}")
+    convert_maps(maps, out, chunk=chunk, overwrite=overwrite, **source_kwargs(options))
+    click.echo(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

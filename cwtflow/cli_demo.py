@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import astropy.units as u
 import click
-import xarray as xr
-from astropy.table import Table
 
 from .cli_options import build_cwt, log_options, make_cwt_options, output_options, write_result
 from .cli_run import analyze, command_line, find_sources_logged, setup_logging, summary
 from .errors import StoreError
-from .io import check_output, write_maps
-from .provenance import provenance
+
+if TYPE_CHECKING:  # heavy modules load when the command runs (fast --help)
+    import xarray as xr
+    from astropy.table import Table
 
 __all__ = [
     "DEMO_FILES",
@@ -50,6 +49,8 @@ DEMO_MATCH_RADIUS = 3.0
 
 def check_folder(folder: Path, names: list[str], *, overwrite: bool) -> None:
     """The output folder (or its nearest existing ancestor) can take ``names``."""
+    from .io import check_output
+
     if folder.exists():
         for name in names:
             check_output(folder / name, overwrite=overwrite, hint="--overwrite")
@@ -113,7 +114,9 @@ def demo(
     catalog (ECSV and DS9 regions); then say how many true sources were found and how many
     detections match none."""
     from .catalog_files import write_catalog, write_regions
+    from .io import write_maps
     from .plotting import plot_images
+    from .provenance import provenance
     from .simulate import simulate_sky
 
     quiet = setup_logging(ctx, options)
@@ -154,6 +157,7 @@ def demo_matches(table: Table, truth: Table, state: xr.Dataset) -> tuple[Any, An
     """Boolean arrays: which true sources have a detection within `DEMO_MATCH_RADIUS` pixels,
     which detections have no true source that close (sky separations,
     `SkyCoord.match_to_catalog_sky`)."""
+    import astropy.units as u
     import numpy as np
     from astropy.coordinates import SkyCoord
     from astropy.wcs.utils import proj_plane_pixel_scales

@@ -1,33 +1,28 @@
 """Options of the ``cwtflow`` commands and the builders that turn them into API calls.
 
 A new option means one decorator entry here and one line in a builder (`build_cwt`,
-`load_maps`, `analyze_kwargs`, `write_result`). Defaults are read from the API's signatures
-(`CWT`, `cwtflow.find_sources`) so that the command line cannot drift from the API.
+`load_maps`, `analyze_kwargs`, `write_result`). Defaults come from `cwtflow.defaults`, the
+values `CWT` itself takes (and that `find_sources` is tested against), so that the command
+line cannot drift from the API. Heavy modules (numpy, dask, xarray, astropy, the engine) are
+imported by the builders, not here: ``cwtflow --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import astropy.units as u
 import click
-import numpy as np
-import xarray as xr
-from astropy.coordinates import SkyCoord
-from astropy.nddata import Cutout2D
-from astropy.wcs.utils import wcs_to_celestial_frame
 
-from .catalog import find_sources
-from .engine import CWT
+from .defaults import CATALOG_DEFAULTS, CWT_DEFAULTS, KERNEL_DEFAULTS, MAX_N_SCALE, MIN_SCALE
 from .errors import StoreError
 from .formats import result_format
-from .io import check_output, read_maps
-from .kernels import MAX_N_SCALE, MIN_SCALE, CWTKernels
-from .maps import cutout, map_center, wcs_from_attrs
-from .state_files import write_state
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from .engine import CWT
 
 __all__ = [
     "CATALOG_DEFAULTS",
@@ -43,6 +38,8 @@ __all__ = [
     "output_options",
     "recorded_options",
     "resume_options",
+    "source_kwargs",
+    "source_options",
     "write_result",
 ]
 
@@ -53,22 +50,6 @@ __all__ = [
 #: a 4096 x 4096 map is at most 65 536 tiles of 16 x 16.
 MIN_CLI_TILE = 16
 
-#: Kernel defaults: the CWT tutorial's (CWTKernels itself has none).
-KERNEL_DEFAULTS = {"n_scale": 2, "min_scale": 6.0, "step_scale": 1.3}
-
-
-def _defaults(func: Callable[..., Any]) -> dict[str, Any]:
-    return {
-        name: param.default
-        for name, param in inspect.signature(func).parameters.items()
-        if param.default is not inspect.Parameter.empty
-    }
-
-
-#: Estimator defaults, read from `CWT` so the CLI cannot drift from the API.
-CWT_DEFAULTS = _defaults(CWT.__init__)
-#: Catalog defaults, read from `find_sources` alike.
-CATALOG_DEFAULTS = _defaults(find_sources)
 _WRAP = {"auto": None, "yes": True, "no": False}
 #: CLI option name -> API default (the option names that differ from the API's keywords).
 _CLI_DEFAULTS = {
@@ -175,7 +156,8 @@ def make_cwt_options(**defaults: Any) -> Callable[[Any], Any]:
 
 cwt_options = make_cwt_options()
 
-map_options = _apply(
+#: Where the maps are (HDUs, other files); `cwtflow run` and `cwtflow convert` share them.
+source_options = _apply(
     [
         click.option("--counts-hdu", default="COUNTS", show_default=True, help="Counts HDU."),
         click.option(
@@ -186,6 +168,27 @@ map_options = _apply(
             default=None,
             help="Exposure HDU (default: EXPOSURE when the file has one).",
         ),
+        click.option(
+            "--background",
+            "background_file",
+            default=None,
+            metavar="FILE[HDU]",
+            help="Read the background from this FITS file instead, e.g. bkg.fits[BACKGROUND] "
+            "(without [HDU]: its BACKGROUND HDU, else its only image).",
+        ),
+        click.option(
+            "--exposure",
+            "exposure_file",
+            default=None,
+            metavar="FILE[HDU]",
+            help="Read the exposure from this FITS file, e.g. exp.fits[EXPOSURE].",
+        ),
+    ]
+)
+
+map_options = _apply(
+    [
+        source_options,
         click.option(
             "--center",
             nargs=2,
@@ -234,6 +237,9 @@ def build_cwt(options: Mapping[str, Any]) -> CWT:
             f"{MIN_CLI_TILE} pixels (every tile is a dask task per step and a file per stored "
             "array and iteration)"
         )
+    from .engine import CWT
+    from .kernels import CWTKernels
+
     kernels = CWTKernels(options["n_scale"], options["min_scale"], options["step_scale"])
     return CWT(
         kernels,
@@ -266,16 +272,41 @@ def _hdu_key(value: str | None) -> str | int | None:
     return int(value) if value is not None and value.isdigit() else value
 
 
+def source_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of `read_maps` / `convert_maps` naming where the maps are."""
+    from .inputs import parse_source
+
+    kwargs: dict[str, Any] = {
+        "counts_hdu": _hdu_key(options["counts_hdu"]),
+        "background_hdu": _hdu_key(options["background_hdu"]),
+        "exposure_hdu": _hdu_key(options["exposure_hdu"]),
+    }
+    for role in ("background", "exposure"):
+        if options.get(f"{role}_file") is not None:
+            kwargs[role] = parse_source(options[f"{role}_file"])
+    return kwargs
+
+
 def load_maps(path: Path, options: Mapping[str, Any]) -> xr.Dataset:
-    """Read the input maps and apply the optional cutout."""
+    """Read the input maps and apply the optional cutout. Large maps (and any map run with
+    ``--chunks``) are read chunk by chunk, in the tiles of the run."""
+    import astropy.units as u
+    import numpy as np
+    from astropy.coordinates import SkyCoord
+    from astropy.nddata import Cutout2D
+    from astropy.wcs.utils import wcs_to_celestial_frame
+
+    from .io import read_maps
+    from .maps import cutout, map_center, wcs_from_attrs
+
     if options["center"] is not None and options["width"] is None:
         raise click.UsageError("--center needs --width")
+    chunks = options.get("chunks")
     data = read_maps(
         path,
-        counts_hdu=_hdu_key(options["counts_hdu"]),
-        background_hdu=_hdu_key(options["background_hdu"]),
-        exposure_hdu=_hdu_key(options["exposure_hdu"]),
-        check_values=False,  # CWT.analyze checks the pixels it runs on
+        **source_kwargs(options),
+        chunks="auto" if chunks is None else tuple(chunks),
+        check_values=False,  # CWT.analyze checks the pixels it runs on, in its first pass
     )
     if options["width"] is None:
         return data
@@ -303,6 +334,8 @@ def load_maps(path: Path, options: Mapping[str, Any]) -> xr.Dataset:
 
 def check_result(path: Path, *, overwrite: bool, resume: bool = False) -> Path:
     """Refuse an output the run could not write, before any work starts."""
+    from .io import check_output
+
     if result_format(path) == "zarr":
         path = path.expanduser()
         if not path.parent.is_dir():
@@ -329,6 +362,8 @@ def write_result(
     holds it: `CWT.analyze` wrote it there), with its provenance."""
     if result_format(path) == "zarr":
         return path
+    from .state_files import write_state
+
     return write_state(state, path, overwrite=overwrite, provenance_record=provenance_record)
 
 

@@ -12,16 +12,19 @@ import math
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import xarray as xr
-from astropy.table import Table
 from tqdm import tqdm
 
 from .cli_options import analyze_kwargs
-from .engine import CWT
-from .iteration import IterationInfo
+
+if TYPE_CHECKING:  # heavy modules load when a command needs them (fast --help)
+    import xarray as xr
+    from astropy.table import Table
+
+    from .engine import CWT
+    from .iteration import IterationInfo
 
 __all__ = [
     "LocalTasks",

@@ -10,9 +10,6 @@ from typing import Any
 
 import click
 
-from .kernels import CWTKernels
-from .survey import Survey, angle_deg, default_kernels
-
 __all__ = ["survey"]
 
 
@@ -105,6 +102,9 @@ def _cluster(options: Mapping[str, Any], *, quiet: bool) -> Iterator[Any]:
 def survey(counts: Path, out: Path, **options: Any) -> None:
     """Run the CWT over the whole sky: EVENTS_OR_MAP (a FITS event list or a HEALPix/CAR
     counts map) cut into patches, each a cwtflow run with its own store inside --out."""
+    from .kernels import CWTKernels
+    from .survey import Survey, angle_deg, default_kernels
+
     psf = angle_deg(options.pop("psf"), "--psf")
     binsz = angle_deg(options.pop("binsz"), "--binsz")
     min_scale = options.pop("min_scale")

@@ -15,10 +15,18 @@ import xarray as xr
 
 from . import core
 from .checks import flag, integer, number
+from .defaults import CWT_DEFAULTS
 from .errors import InputError, ParameterError, ResourceError
 from .iteration import IterationInfo, Settings, Sink, Step, run_summary, variance_ratio
 from .kernels import CWTKernels
-from .maps import is_allsky, validate_maps, wcs_from_attrs
+from .maps import (
+    is_allsky,
+    pixel_checks,
+    raise_pixel_errors,
+    validate_layout,
+    validate_maps,
+    wcs_from_attrs,
+)
 from .state import initial_state, new_state
 from .store_writer import ZarrSink
 from .tiled import TiledStep
@@ -78,15 +86,15 @@ class CWT:
         self,
         kernels: CWTKernels,
         *,
-        max_iter: int = 10,
-        tol: float = 1e-5,
-        significance_threshold: float = 3.0,
-        significance_island_threshold: float | None = None,
-        remove_isolated: bool = True,
-        keep_history: bool = False,
-        wrap_lon: bool | None = None,
-        fft_workers: int = 1,
-        dtype: str = "float64",
+        max_iter: int = CWT_DEFAULTS["max_iter"],
+        tol: float = CWT_DEFAULTS["tol"],
+        significance_threshold: float = CWT_DEFAULTS["significance_threshold"],
+        significance_island_threshold: float | None = CWT_DEFAULTS["significance_island_threshold"],
+        remove_isolated: bool = CWT_DEFAULTS["remove_isolated"],
+        keep_history: bool = CWT_DEFAULTS["keep_history"],
+        wrap_lon: bool | None = CWT_DEFAULTS["wrap_lon"],
+        fft_workers: int = CWT_DEFAULTS["fft_workers"],
+        dtype: str = CWT_DEFAULTS["dtype"],
     ) -> None:
         if not isinstance(kernels, CWTKernels):
             raise ParameterError(f"kernels must be a CWTKernels, got {type(kernels).__name__}")
@@ -234,7 +242,10 @@ class CWT:
                 overwrite=overwrite,
                 callback=callback,
             )
-        data = validate_maps(data)
+        # a lazy input's pixels are checked in the computation that first reads them (the
+        # sink's start: the store's input write, or the persist of the initial state)
+        lazy_input = isinstance(data, xr.Dataset) and _is_lazy(data)
+        data = validate_layout(data) if lazy_input else validate_maps(data)
         tiles = _tiles(data, chunks)  # counted before chunking: 1e6 chunks take a while
         settings = self.settings
         wrap = self.wraps(data)
@@ -247,6 +258,7 @@ class CWT:
         )
         if chunks is not None:
             data = data.chunk(chunks)
+        checks = pixel_checks(data) if lazy_input else None
         step: Step
         if _is_lazy(data):
             step = TiledStep(settings, data, wrap)
@@ -260,7 +272,9 @@ class CWT:
         else:
             sink = _MemorySink(keep=settings.keep_history)
         with contextlib.closing(sink):  # a store sink holds the store's lock until closed
-            state, done = sink.start(initial_state(data, self.kernels, dtype=settings.dtype))
+            state, done = sink.start(
+                initial_state(data, self.kernels, dtype=settings.dtype), checks=checks
+            )
             infos: list[IterationInfo] = list(done)
             while len(infos) < self.max_iter and not (infos and infos[-1].converged):
                 k = len(infos) + 1
@@ -487,10 +501,17 @@ class _MemorySink:
         self.keep = keep
         self.history: list[xr.Dataset] = []
 
-    def start(self, state: xr.Dataset) -> tuple[xr.Dataset, list[IterationInfo]]:
-        """The state to start from and the iterations already done (none in memory)."""
+    def start(
+        self, state: xr.Dataset, *, checks: dict[str, Any] | None = None
+    ) -> tuple[xr.Dataset, list[IterationInfo]]:
+        """The state to start from and the iterations already done (none in memory);
+        ``checks`` (`cwtflow.maps.pixel_checks` of a lazy input) are computed with the persist
+        of the initial state, which reads the inputs, and raise `InputError` on bad pixels."""
         if _is_lazy(state):
-            (state,) = dask.persist(state)
+            state, checks = dask.persist(state, checks)
+        if checks is not None:
+            (values,) = dask.compute(checks)
+            raise_pixel_errors(state, values)
         if self.keep:
             self.history.append(state)
         return state, []

@@ -1,12 +1,15 @@
 """FITS input maps in and out (`read_maps`, `write_maps`), and atomic file writes
-(`check_output`, `atomic_output`) for every file cwtflow writes. CWT states have their own
-FITS layout: `cwtflow.state_files`.
+(`check_output`, `atomic_output`) for every file cwtflow writes.
+
+`read_maps` reads FITS or zarr maps through `cwtflow.inputs` (lazy chunk-wise reads of large
+inputs, separate background/exposure files, one-bin energy cubes; gzip above 256 MiB is
+converted once with `cwtflow.convert`). CWT states have their own FITS layout:
+`cwtflow.state_files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import secrets
 import warnings
@@ -18,13 +21,15 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
+from astropy.wcs import FITSFixedWarning
 
 from .errors import InputError, ParameterError, StoreError
-from .maps import make_maps, validate_maps
+from .inputs import Source, existing_file, read_inputs
+from .maps import validate_layout, validate_maps
 from .provenance import add_fits_cards, provenance
 
 __all__ = [
+    "READ_ERRORS",
     "atomic_output",
     "check_output",
     "existing_file",
@@ -39,12 +44,12 @@ HDUKey = str | int
 
 #: Card in the primary header that marks a cwtflow state file (its value: the writer's version).
 MARKER = "CWTFLOW"
-#: Core WCS keywords named in mismatch messages (ancillary ones such as DATE-OBS are ignored).
-_WCS_KEYS = ("CTYPE", "CUNIT", "CRPIX", "CRVAL", "CDELT", "PC", "CD", "LONPOLE", "LATPOLE")
+#: What a damaged file raises from inside astropy or gzip while it is read (lazily).
+READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 # --------------------------------------------------------------------------------------------
-# Output paths
+# Outputs
 
 
 def check_output(path: PathLike, *, overwrite: bool = False, hint: str = "overwrite=True") -> Path:
@@ -101,94 +106,11 @@ def atomic_output(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
 # Input maps
 
 
-#: What a damaged file raises from inside astropy or gzip while it is read (lazily).
-READ_ERRORS = (OSError, EOFError, zlib.error)
-
-
-def existing_file(path: PathLike, error: type[Exception]) -> Path:
-    if not isinstance(path, str | os.PathLike):
-        raise error(f"path must be a file name, got {type(path).__name__}")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise error(f"file not found: {path}")
-    if not path.is_file():
-        raise error(f"not a file: {path}")
-    return path
-
-
 def open_fits(path: Path, error: type[Exception]) -> fits.HDUList:
     try:
         return fits.open(path, memmap=False)
     except READ_ERRORS as exc:
         raise error(f"cannot read {path} as FITS: {exc}") from None
-
-
-def _hdu_label(hdu: fits.hdu.base._BaseHDU, index: int) -> str:
-    return hdu.name or f"#{index}"
-
-
-def _get_hdu(hdul: fits.HDUList, key: HDUKey, path: Path) -> fits.hdu.base._BaseHDU:
-    try:
-        return hdul[key]
-    except (KeyError, IndexError):
-        have = ", ".join(_hdu_label(h, i) for i, h in enumerate(hdul))
-        raise InputError(f"HDU {key!r} not found in {path.name}; it has: {have}") from None
-
-
-def _celestial_wcs(header: fits.Header, label: str) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        try:
-            wcs = WCS(header)
-        except (ValueError, KeyError, MemoryError) as exc:
-            raise InputError(f"HDU {label!r} has an unusable WCS: {exc}") from None
-    if wcs.naxis != 2 or not wcs.has_celestial or wcs.celestial.naxis != 2:
-        raise InputError(f"HDU {label!r} has no 2-D celestial WCS (CTYPE {list(wcs.wcs.ctype)})")
-    if (wcs.wcs.lng, wcs.wcs.lat) != (0, 1):
-        raise InputError(
-            f"HDU {label!r}: longitude must be the first (x) axis and latitude the second "
-            f"(CTYPE {list(wcs.wcs.ctype)})"
-        )
-    return wcs
-
-
-def _wcs_differences(a: WCS, b: WCS) -> list[str]:
-    """Core WCS cards whose values differ between ``a`` and ``b`` (for messages)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        ha, hb = a.to_header(), b.to_header()
-    keys = [k for k in dict.fromkeys([*ha, *hb]) if k.rstrip("0123456789_").startswith(_WCS_KEYS)]
-    out = []
-    for key in keys:
-        va, vb = ha.get(key), hb.get(key)
-        same = (
-            math.isclose(va, vb, rel_tol=1e-10, abs_tol=1e-10)
-            if isinstance(va, float) and isinstance(vb, float)
-            else va == vb
-        )
-        if not same:
-            out.append(f"{key} {va!r} vs {vb!r}")
-    return out
-
-
-def _read_image(
-    hdul: fits.HDUList, key: HDUKey, role: str, path: Path
-) -> tuple[np.ndarray, WCS, str]:
-    hdu = _get_hdu(hdul, key, path)
-    label = hdu.name or str(key)
-    if not isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
-        raise InputError(f"{role} HDU {label!r} is a {type(hdu).__name__}, not an image")
-    try:
-        data = hdu.data
-    except (*READ_ERRORS, ValueError, TypeError) as exc:
-        raise InputError(f"cannot read {role} HDU {label!r} of {path.name}: {exc}") from None
-    if data is None or data.size == 0:
-        raise InputError(f"empty map: {role} HDU {label!r} has no pixels")
-    if data.ndim != 2:
-        raise InputError(f"{role} HDU {label!r} is not a 2-D image (shape {data.shape})")
-    image = np.array(data, dtype=np.float64)
-    wcs = _celestial_wcs(hdu.header, label)
-    return image, wcs, label
 
 
 def read_maps(
@@ -197,83 +119,81 @@ def read_maps(
     counts_hdu: HDUKey = "COUNTS",
     background_hdu: HDUKey = "BACKGROUND",
     exposure_hdu: HDUKey | None = None,
-    check_values: bool = True,
+    background: Source | None = None,
+    exposure: Source | None = None,
+    chunks: Any = "auto",
+    check_values: bool | None = None,
 ) -> xr.Dataset:
-    """Read counts and background maps (and optionally exposure) from one FITS file.
+    """Read counts and background maps (and optionally exposure) from FITS or zarr.
 
     Parameters
     ----------
     path : path-like
-        FITS file (``.fits`` or ``.fits.gz``) holding the images on one celestial grid.
+        FITS file (``.fits`` or ``.fits.gz``) holding the images on one celestial grid, or a
+        zarr directory (a Dataset written by cwtflow/xarray, e.g. by ``cwtflow convert``, or a
+        plain zarr group with 2-D ``counts``/``background`` (``exposure``) arrays and the WCS
+        cards in ``attrs["wcs"]``). How each is read: `cwtflow.inputs`.
     counts_hdu, background_hdu : str or int
         Names (EXTNAME, case-insensitive; ``"PRIMARY"`` for an unnamed primary HDU) or indices
-        of the counts and predicted-background images, each of shape (ny, nx).
+        of the counts and predicted-background images, each of shape (ny, nx) (or a one-bin
+        energy cube (1, ny, nx), squeezed).
     exposure_hdu : str or int, optional
         HDU of the exposure map (cm2 s). ``None`` (default) reads an HDU named ``EXPOSURE``
         when the file has one and otherwise goes without exposure; a name or index makes that
         HDU required. Exposure found either way is checked like the background (shape, WCS,
         finite and non-negative values).
-    check_values : bool
-        Refuse NaN, infinite or negative pixels here. ``False`` leaves that pass over the pixels
-        to `CWT.analyze`, which validates its input anyway (the command line reads this way,
-        so that the pixels are checked once).
+    background, exposure : path or (path, HDU), optional
+        Read that map from another FITS file instead (``"bkg.fits[BACKGROUND]"`` also works);
+        without an HDU, the one named BACKGROUND / EXPOSURE, else the file's only image.
+    chunks : "auto", None, int or (int, int)
+        ``None``: numpy arrays in memory. A tile size: dask arrays read chunk by chunk from
+        the file (an uncompressed FITS through a memory map, zarr chunk-wise). ``"auto"``
+        (default): lazy with 1024 x 1024 tiles when the maps hold more than 256 MiB as
+        float64 (`cwtflow.inputs.IN_MEMORY_BYTES`), in memory otherwise. A compressed FITS
+        above that size is refused: convert it once (``cwtflow convert``).
+    check_values : bool, optional
+        Refuse NaN, infinite or negative pixels here. ``None`` (default): for an in-memory
+        read; a lazy read is checked by `CWT.analyze` in the computation that first reads its
+        pixels (no pass of its own). ``False`` leaves the check to `CWT.analyze` in every case
+        (the command line reads this way); ``True`` checks here, lazy or not.
 
     Returns
     -------
     xarray.Dataset
         As `cwtflow.make_maps`: float64 ``counts``, ``background`` (and ``exposure``) on
-        (y, x), ``lon``/``lat`` coordinates and the WCS of the counts HDU in ``attrs["wcs"]``.
+        (y, x), 1-D ``lon``/``lat`` coordinates when the grid is separable and the WCS of the
+        counts in ``attrs["wcs"]``.
 
     Raises
     ------
     InputError
         Missing file or HDU (the message lists the HDUs the file has), a non-image or empty
-        HDU, shape or WCS mismatch between the HDUs, a WCS that is not 2-D celestial with
-        longitude on x, NaN/infinite or negative pixels.
+        HDU, a cube of more than one plane, shape or WCS mismatch between the maps, a WCS that
+        is not 2-D celestial with longitude on x, NaN/infinite or negative pixels.
     """
-    path = existing_file(path, InputError)
+    if not isinstance(path, str | os.PathLike):
+        raise InputError(f"path must be a file name, got {type(path).__name__}")
     for key in (counts_hdu, background_hdu, exposure_hdu):
         if key is not None and (isinstance(key, bool) or not isinstance(key, str | int)):
             raise ParameterError(f"HDU keys must be names or indices, got {key!r}")
     try:
         with warnings.catch_warnings():  # a truncated file fails below, with one message
             warnings.filterwarnings("ignore", "File may have been truncated")
-            return _read_maps(path, counts_hdu, background_hdu, exposure_hdu, check_values)
-    except READ_ERRORS as exc:  # a damaged file, found while reading it lazily
+            data = read_inputs(
+                path,
+                counts_hdu=counts_hdu,
+                background_hdu=background_hdu,
+                exposure_hdu=exposure_hdu,
+                background=background,
+                exposure=exposure,
+                chunks=chunks,
+            )
+    except READ_ERRORS as exc:  # a damaged file, found while it is read
         raise InputError(f"cannot read {path} as FITS: {exc}") from None
-
-
-def _read_maps(
-    path: Path,
-    counts_hdu: HDUKey,
-    background_hdu: HDUKey,
-    exposure_hdu: HDUKey | None,
-    check_values: bool,
-) -> xr.Dataset:
-    with open_fits(path, InputError) as hdul:
-        counts, wcs, counts_label = _read_image(hdul, counts_hdu, "counts", path)
-        layers = {"counts": (counts, counts_label)}
-        keys = {"background": background_hdu}
-        if exposure_hdu is not None:
-            keys["exposure"] = exposure_hdu
-        elif "EXPOSURE" in hdul:
-            keys["exposure"] = "EXPOSURE"
-        for role, key in keys.items():
-            image, other_wcs, label = _read_image(hdul, key, role, path)
-            if image.shape != counts.shape:
-                raise InputError(
-                    f"{role} HDU {label!r} and counts HDU {counts_label!r} shapes differ: "
-                    f"{image.shape} vs {counts.shape}"
-                )
-            if not wcs.wcs.compare(other_wcs.wcs, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-10):
-                diff = "; ".join(_wcs_differences(other_wcs, wcs)) or "projection parameters"
-                raise InputError(
-                    f"WCS of {role} HDU {label!r} differs from counts HDU {counts_label!r}: {diff}"
-                )
-            layers[role] = (image, label)
-    exposure = layers.get("exposure", (None, None))[0]
-    data = make_maps(counts, layers["background"][0], wcs, exposure=exposure)
-    return validate_maps(data) if check_values else data
+    lazy = data["counts"].chunks is not None
+    if check_values or (check_values is None and not lazy):
+        return validate_maps(data)
+    return validate_layout(data)
 
 
 def wcs_header(attrs: Mapping[str, Any]) -> fits.Header:

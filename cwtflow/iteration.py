@@ -160,9 +160,13 @@ class Sink(Protocol):
     """Where the iterations of a run go: `start`, then `write` and `complete` per iteration,
     `close` at the end."""
 
-    def start(self, state: xr.Dataset) -> tuple[xr.Dataset, list[IterationInfo]]:
+    def start(
+        self, state: xr.Dataset, *, checks: dict[str, Any] | None = None
+    ) -> tuple[xr.Dataset, list[IterationInfo]]:
         """The state to continue from (``state`` is the initial one) and the iterations
-        already done (a resumed run)."""
+        already done (a resumed run). ``checks``: `cwtflow.maps.pixel_checks` of a lazy input,
+        to compute in the same computation as the first read of the inputs and pass to
+        `cwtflow.maps.raise_pixel_errors` (None: the input was checked already)."""
         ...
 
     def write(

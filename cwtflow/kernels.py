@@ -11,6 +11,7 @@ import numpy as np
 from astropy.table import Table
 
 from .checks import integer, number
+from .defaults import MAX_N_SCALE, MIN_SCALE
 from .errors import InputError, ResourceError
 
 __all__ = [
@@ -24,15 +25,6 @@ __all__ = [
     "ricker_kernel",
 ]
 
-#: Smallest ``min_scale`` (pixels). The smallest kernel then has width >= 0.5 px (wavelet of
-#: width ``min_scale * step_scale``, Gaussian of sigma ``min_scale * step_scale**n_scale``):
-#: by Poisson summation a Gaussian of sigma s sampled at pixel centres sums to its integral
-#: (1) within about ``4 * exp(-2 * pi**2 * s**2)``: 1.029 at s = 0.5 (a 5 x 5 kernel), but
-#: 2.55 at s = 0.25 (3 x 3), where that series no longer converges fast; and a Ricker
-#: wavelet keeps its negative ring on the first ring of pixels only while its zero crossing
-#: ``sqrt(2) * w`` stays below ~1 px. Below the floor the kernel collapses to a few pixels of
-#: values up to ``1 / (pi w**4)`` (1e35 at w = 1e-9) and the transform is meaningless.
-MIN_SCALE = 0.5
 #: Largest side (pixels) of any kernel: the approximation kernel and the largest wavelet both
 #: have width ``w = min_scale * step_scale**n_scale`` and side ``kernel_size(w)``, odd
 #: ``ceil(8 w)``, so this bounds ``w <= 512.125`` px (51 deg on 0.1 deg pixels, far beyond
@@ -44,10 +36,6 @@ MAX_KERNEL_SIDE = 4097
 #: for two kernels of the largest side plus a geometric series of smaller ones down to
 #: step_scale ~1.1.
 MAX_KERNEL_BYTES = 1024**3
-#: Largest number of scales: the state holds three (n_scale, ny, nx) cubes and every iteration
-#: convolves 2 * n_scale + 1 times; 100 scales from MIN_SCALE to the largest width already
-#: space them 7 % apart.
-MAX_N_SCALE = 100
 
 
 def kernel_size(width: float) -> int:

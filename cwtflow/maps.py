@@ -22,7 +22,10 @@ __all__ = [
     "is_allsky",
     "make_maps",
     "map_center",
+    "separable_axes",
     "sky_coordinates",
+    "unwrap_lon",
+    "validate_layout",
     "validate_maps",
     "wcs_from_attrs",
     "wcs_to_attrs",
@@ -67,11 +70,89 @@ def _check_celestial(wcs: WCS) -> WCS:
     return wcs
 
 
-def sky_coordinates(wcs: WCS, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Longitude and latitude (deg) of every pixel centre, each of ``shape`` (y, x)."""
-    y, x = np.indices(shape, dtype=np.float64)
-    lon, lat = wcs.celestial.wcs_pix2world(x, y, 0)
-    return lon, lat
+def sky_coordinates(wcs: WCS, shape: tuple[int, int], *, chunks: Any = None) -> tuple[Any, Any]:
+    """Longitude and latitude (deg) of every pixel centre, each of ``shape`` (y, x).
+
+    Longitudes are continuous across the map: they lie in (c - 180, c + 180] where c is the
+    longitude of the map centre (a map centred on l = 0 runs from +lon to -lon, not from 0 to
+    360). With ``chunks`` (as `dask.array` takes them) the arrays are dask arrays computed
+    block by block from the WCS, so that nothing of the map's size is built in the driver.
+    """
+    cel = wcs.celestial
+    centre = _centre_lon(cel, shape)
+    if chunks is None:
+        return _block_coordinates(cel, centre, (slice(0, shape[0]), slice(0, shape[1])))
+    import dask.array as da
+
+    template = da.empty(shape, chunks=chunks, dtype=np.float64)
+
+    def block(part: np.ndarray, index: int, block_info: Any = None) -> np.ndarray:
+        (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        return _block_coordinates(cel, centre, (slice(y0, y1), slice(x0, x1)))[index]
+
+    return tuple(
+        template.map_blocks(block, index, dtype=np.float64, meta=np.empty((0, 0)))
+        for index in (0, 1)
+    )
+
+
+def _block_coordinates(
+    cel: WCS, centre: float, region: tuple[slice, slice]
+) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[region[0], region[1]].astype(np.float64)
+    lon, lat = cel.wcs_pix2world(x, y, 0)
+    return unwrap_lon(lon, centre), lat
+
+
+def unwrap_lon(lon: Any, centre: float) -> Any:
+    """Longitudes (deg) moved by multiples of 360 into (centre - 180, centre + 180]."""
+    return centre + 180.0 - np.mod(centre - np.asarray(lon, dtype=np.float64) + 180.0, 360.0)
+
+
+def _centre_lon(cel: WCS, shape: tuple[int, int]) -> float:
+    lon, _ = cel.wcs_pix2world((shape[1] - 1) / 2, (shape[0] - 1) / 2, 0)
+    return float(lon) if np.isfinite(lon) else 0.0
+
+
+#: Cylindrical projections: without rotation, longitude depends on x only, latitude on y only.
+_CYLINDRICAL = ("CAR", "CEA", "CYP", "MER")
+#: Largest departure (deg) from a separable grid at the sampled pixels.
+_SEPARABLE_ATOL = 1e-9
+
+
+def separable_axes(wcs: WCS, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """1-D longitude (per column x) and latitude (per row y), deg, when the grid is separable.
+
+    A grid is separable when longitude depends on x only and latitude on y only: a cylindrical
+    projection (CAR, CEA, CYP, MER) with a diagonal PC/CD matrix and its native equator on the
+    celestial one; this is verified on a sparse grid of pixels (edges included), so oblique
+    cylindrical maps are recognised as not separable. ``None`` otherwise. Longitudes are
+    continuous across the map (see `sky_coordinates`).
+    """
+    cel = wcs.celestial
+    if cel.wcs.ctype[0].upper()[-3:] not in _CYLINDRICAL:
+        return None
+    matrix = cel.wcs.cd if cel.wcs.has_cd() else cel.wcs.get_pc()
+    if matrix[0, 1] != 0 or matrix[1, 0] != 0:
+        return None
+    ny, nx = shape
+    yref, xref = (ny - 1) // 2, (nx - 1) // 2
+    lon, _ = cel.wcs_pix2world(np.arange(nx, dtype=np.float64), np.full(nx, float(yref)), 0)
+    _, lat = cel.wcs_pix2world(np.full(ny, float(xref)), np.arange(ny, dtype=np.float64), 0)
+    if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
+        return None
+    xs = np.unique(np.linspace(0, nx - 1, 17).round().astype(int))
+    ys = np.unique(np.linspace(0, ny - 1, 17).round().astype(int))
+    gx, gy = np.meshgrid(xs, ys)
+    glon, glat = cel.wcs_pix2world(gx.astype(np.float64), gy.astype(np.float64), 0)
+    dlon = np.abs(np.mod(glon - lon[gx] + 180.0, 360.0) - 180.0)
+    polar = np.abs(glat) > 90.0 - 1e-9  # longitude is undefined at a pole
+    if not (
+        np.allclose(glat, lat[gy], rtol=0, atol=_SEPARABLE_ATOL)
+        and np.all((dlon <= _SEPARABLE_ATOL) | polar)
+    ):
+        return None
+    return unwrap_lon(lon, _centre_lon(cel, shape)), lat
 
 
 def _frame_name(wcs: WCS) -> str:
@@ -83,15 +164,20 @@ def _frame_name(wcs: WCS) -> str:
     return str(wcs.wcs.radesys or "icrs").lower()
 
 
-def _coords(wcs: WCS, shape: tuple[int, int]) -> dict[str, xr.Variable]:
-    lon, lat = sky_coordinates(wcs, shape)
+def grid_coords(wcs: WCS, shape: tuple[int, int]) -> dict[str, xr.Variable]:
+    """1-D ``lon`` (on x) and ``lat`` (on y) for a separable grid, else none (the WCS in the
+    attrs is the coordinate system; `sky_coordinates` computes 2-D ones on demand)."""
+    axes = separable_axes(wcs, shape)
+    if axes is None:
+        return {}
     frame = _frame_name(wcs)
+    lon, lat = axes
     return {
         "lon": xr.Variable(
-            ("y", "x"), lon, {"units": "deg", "frame": frame, "long_name": "pixel centre longitude"}
+            ("x",), lon, {"units": "deg", "frame": frame, "long_name": "pixel centre longitude"}
         ),
         "lat": xr.Variable(
-            ("y", "x"), lat, {"units": "deg", "frame": frame, "long_name": "pixel centre latitude"}
+            ("y",), lat, {"units": "deg", "frame": frame, "long_name": "pixel centre latitude"}
         ),
     }
 
@@ -132,6 +218,10 @@ def make_maps(
         `validate_maps` (which `CWT.analyze` runs).
     ParameterError
         ``wcs`` is not an astropy WCS.
+
+    Dask arrays stay lazy (converted to float64 block by block). Sky coordinates cost no
+    map-sized array: 1-D ``lon`` on x and ``lat`` on y for a separable (unrotated cylindrical)
+    grid, none otherwise (`separable_axes`, `sky_coordinates`).
     """
     counts = _image("counts", counts)
     background = _image("background", background)
@@ -164,14 +254,15 @@ def make_maps(
         raise InputError(
             f"counts and background shapes differ: {counts.shape} vs {background.shape}"
         )
-    ds = xr.Dataset(data_vars, coords=_coords(wcs, counts.shape))
+    ds = xr.Dataset(data_vars, coords=grid_coords(wcs, counts.shape))
     ds.attrs[WCS_ATTR] = wcs_to_attrs(wcs)
     return ds
 
 
 def _image(name: str, values: Any) -> np.ndarray:
-    """``values`` as a non-empty 2-D float64 array, or an `InputError` naming ``name``."""
-    array = values if isinstance(values, np.ndarray) else None
+    """``values`` as a non-empty 2-D float64 array (a dask array converted lazily), or an
+    `InputError` naming ``name``."""
+    array = values if isinstance(values, np.ndarray) or hasattr(values, "dask") else None
     if array is None:
         try:
             array = np.asarray(values)
@@ -183,6 +274,8 @@ def _image(name: str, values: Any) -> np.ndarray:
         raise InputError(f"{name} must be a 2-D image, got {array.ndim} dimensions")
     if array.size == 0:
         raise InputError(f"empty map: {name} has shape {array.shape}")
+    if hasattr(array, "dask"):
+        return array.astype(np.float64)
     return np.asarray(array, dtype=np.float64)
 
 
@@ -204,8 +297,23 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
     map, NaN/inf, negative or overflowing (above `MAX_PIXEL_VALUE`, 1e140) pixels in counts,
     background or exposure (with their number), non-real dtypes, missing or non-celestial WCS.
     Lazy (dask-backed) inputs are checked with dask reductions, not loaded. The one check of
-    pixel values: `cwtflow.read_maps` and `CWT.analyze` use it.
+    pixel values: `cwtflow.read_maps` and `CWT.analyze` use it (`CWT.analyze` computes
+    `pixel_checks` of a lazy input with its first pass over the data instead, see
+    `validate_layout`).
     """
+    out = validate_layout(data)
+    checks = pixel_checks(out)
+    if any(hasattr(v, "dask") for v in checks.values()):
+        import dask
+
+        (checks,) = dask.compute(checks)
+    raise_pixel_errors(out, checks)
+    return out
+
+
+def validate_layout(data: xr.Dataset) -> xr.Dataset:
+    """`validate_maps` without the pass over the pixel values (variables, dims, sizes, WCS;
+    the maps converted to float64, lazily for dask arrays)."""
     if not isinstance(data, xr.Dataset):
         raise InputError(f"expected an xarray.Dataset, got {type(data).__name__}")
     for name in ("counts", "background"):
@@ -217,40 +325,69 @@ def validate_maps(data: xr.Dataset) -> xr.Dataset:
         raise InputError(f"empty map: shape {(data.sizes['y'], data.sizes['x'])}")
     _check_celestial(wcs_from_attrs(data.attrs))
     out = data.copy()
-    names = [n for n in ("counts", "background", "exposure") if n in data]
-    for name in names:
+    for name in _MAP_NAMES:
+        if name not in data:
+            continue
         if data[name].dims != ("y", "x"):
             raise InputError(f"'{name}' must have dims ('y', 'x'), got {data[name].dims}")
         if data[name].dtype.kind not in "biuf":
             raise InputError(f"{name} must hold real numbers, got dtype {data[name].dtype}")
-        out[name] = data[name].astype(np.float64)
-    # one pass over the pixels, every count in one computation (dask reductions when lazy)
-    stats = {}
-    for name in names:
-        var = out[name]
-        stats[f"{name}_nonfinite"] = (~np.isfinite(var)).sum()
-        stats[f"{name}_negative"] = (var < 0).sum()
-        stats[f"{name}_min"] = var.min()
-        stats[f"{name}_huge"] = (var > MAX_PIXEL_VALUE).sum()
-        stats[f"{name}_max"] = var.max()
-    values = {k: v.item() for k, v in xr.Dataset(stats).compute().data_vars.items()}
-    for name in names:
-        size = out[name].size
-        if values[f"{name}_nonfinite"]:
-            n = values[f"{name}_nonfinite"]
+        if data[name].dtype != np.float64:
+            out[name] = data[name].astype(np.float64)
+    return out
+
+
+_MAP_NAMES = ("counts", "background", "exposure")
+
+
+def pixel_checks(data: xr.Dataset) -> dict[str, Any]:
+    """The reductions behind the pixel checks of `validate_maps`, not computed: for each map,
+    the number of NaN/infinite pixels, of negative pixels, and the minimum. Dask scalars for a
+    lazy ``data`` (compute them together with the first computation that reads the maps, then
+    call `raise_pixel_errors`), numpy scalars otherwise."""
+    stats: dict[str, Any] = {}
+    for name in _MAP_NAMES:
+        if name in data:
+            values = data[name].data
+            if isinstance(values, np.ndarray):  # in memory: two fast passes prove a clean map
+                low, high = values.min(), values.max()
+                if np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= MAX_PIXEL_VALUE:
+                    stats.update({f"{name}_nonfinite": 0, f"{name}_negative": 0})
+                    stats.update({f"{name}_min": low, f"{name}_huge": 0, f"{name}_max": high})
+                    continue
+            stats[f"{name}_nonfinite"] = (~np.isfinite(values)).sum()
+            stats[f"{name}_negative"] = (values < 0).sum()
+            stats[f"{name}_min"] = values.min()
+            stats[f"{name}_huge"] = (values > MAX_PIXEL_VALUE).sum()
+            stats[f"{name}_max"] = values.max()
+    return stats
+
+
+def raise_pixel_errors(data: xr.Dataset, values: Mapping[str, Any]) -> None:
+    """Raise `InputError` for the first map whose computed `pixel_checks` ``values`` show
+    NaN/infinite, negative or overflowing pixels."""
+    for name in _MAP_NAMES:
+        if f"{name}_nonfinite" not in values:
+            continue
+        size = data[name].size
+        nonfinite = int(values[f"{name}_nonfinite"])
+        if nonfinite:
             raise InputError(
-                f"{name} contains NaN or infinite pixels ({n} NaN or infinite of {size})"
+                f"{name} contains NaN or infinite pixels ({nonfinite} NaN or infinite of {size})"
             )
-        if values[f"{name}_negative"]:
-            n, low = values[f"{name}_negative"], values[f"{name}_min"]
-            raise InputError(f"{name} contains negative pixels ({n} negative pixels, min {low:g})")
-        if values[f"{name}_huge"]:
-            n, high = values[f"{name}_huge"], values[f"{name}_max"]
+        negative = int(values[f"{name}_negative"])
+        if negative:
+            low = float(values[f"{name}_min"])
             raise InputError(
-                f"{name} contains pixels too large to compute with ({n} above "
+                f"{name} contains negative pixels ({negative} negative pixels, min {low:g})"
+            )
+        huge = int(values[f"{name}_huge"])
+        if huge:
+            high = float(values[f"{name}_max"])
+            raise InputError(
+                f"{name} contains pixels too large to compute with ({huge} above "
                 f"{MAX_PIXEL_VALUE:g}, max {high:g}): their squares overflow float64"
             )
-    return out
 
 
 def map_center(data: xr.Dataset) -> SkyCoord:
@@ -284,13 +421,14 @@ def cutout(data: xr.Dataset, position: SkyCoord, width: Any) -> xr.Dataset:
     shape = (data.sizes["y"], data.sizes["x"])
     size = _lat_lon_size(width)
     try:
-        box = Cutout2D(np.zeros(shape, dtype=bool), position, size, wcs=wcs, mode="trim")
+        # a read-only view of one value: no map-sized array for the box arithmetic
+        box = Cutout2D(np.broadcast_to(False, shape), position, size, wcs=wcs, mode="trim")
     except Exception as exc:  # astropy raises NoOverlapError / ValueError
         raise InputError(f"cutout at {position} of {width} does not fit the map: {exc}") from None
     (y0, y1), (x0, x1) = ((s.start, s.stop) for s in box.slices_original)
     out = data.isel(y=slice(y0, y1), x=slice(x0, x1)).drop_vars(["lon", "lat"], errors="ignore")
     new_wcs = wcs[y0:y1, x0:x1]
-    out = out.assign_coords(_coords(new_wcs, (y1 - y0, x1 - x0)))
+    out = out.assign_coords(grid_coords(new_wcs, (y1 - y0, x1 - x0)))
     out.attrs[WCS_ATTR] = wcs_to_attrs(new_wcs)
     return out
 

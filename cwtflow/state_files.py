@@ -39,7 +39,7 @@ from .io import (
     open_fits,
     wcs_header,
 )
-from .maps import sky_coordinates, wcs_from_attrs
+from .maps import grid_coords, wcs_from_attrs
 from .provenance import add_fits_cards, provenance
 from .state import CARRIED, STATE_VARS
 from .version import __version__
@@ -87,7 +87,7 @@ def _stored_values(values: np.ndarray) -> np.ndarray:
 
 def _image_hdu(
     name: str, kind: str, var: xr.Variable, wcs_header: fits.Header
-) -> fits.CompImageHDU:
+) -> fits.ImageHDU | fits.CompImageHDU:
     values = _stored_values(np.asarray(var.values))
     header = wcs_header.copy()
     if var.ndim == 3:
@@ -96,6 +96,10 @@ def _image_hdu(
         header["CRPIX3"] = 1.0
         header["CRVAL3"] = 0.0
         header["CDELT3"] = 1.0
+    if values.ndim < 2:  # a 1-D coordinate that the WCS cannot rebuild
+        hdu = fits.ImageHDU(values, name=name.upper())
+        _bookkeeping(hdu.header, name, kind, var)
+        return hdu
     # lossless tile compression, tiles of about 64k pixels (whole rows)
     rows = max(1, min(values.shape[-2], 65536 // values.shape[-1]))
     hdu = fits.CompImageHDU(
@@ -178,11 +182,14 @@ def write_state(
     header = wcs_header(state.attrs)
     primary = _primary_hdu(state.attrs)
     add_fits_cards(primary.header, dict(provenance_record or provenance()))
-    lonlat = sky_coordinates(wcs_from_attrs(state.attrs), (state.sizes["y"], state.sizes["x"]))
+    grid = grid_coords(wcs_from_attrs(state.attrs), (state.sizes["y"], state.sizes["x"]))
     rebuilt = {
         c: dict(state[c].attrs)
-        for c, values in zip(("lon", "lat"), lonlat, strict=True)
-        if c in state.coords and np.array_equal(state[c].values, values)
+        for c in ("lon", "lat")
+        if c in state.coords
+        and c in grid
+        and state[c].dims == grid[c].dims
+        and np.array_equal(state[c].values, grid[c].values)
     }
     if np.array_equal(_transform_2d(state), np.asarray(state["transform_2d"].values)):
         rebuilt["transform_2d"] = dict(state["transform_2d"].attrs)
@@ -277,10 +284,10 @@ def _read_state(path: Path) -> xr.Dataset:
             t2 = _transform_2d(data_vars)
             data_vars["transform_2d"] = xr.Variable(("y", "x"), t2, rebuilt["transform_2d"])
         if {"lon", "lat"} & rebuilt.keys() and "counts" in data_vars:
-            lonlat = sky_coordinates(wcs_from_attrs(attrs), data_vars["counts"].shape)
-            for name, values in zip(("lon", "lat"), lonlat, strict=True):
-                if name in rebuilt:
-                    coords[name] = xr.Variable(("y", "x"), values, rebuilt[name])
+            grid = grid_coords(wcs_from_attrs(attrs), data_vars["counts"].shape)
+            for name in ("lon", "lat"):
+                if name in rebuilt and name in grid:
+                    coords[name] = xr.Variable(grid[name].dims, grid[name].values, rebuilt[name])
     missing = [name for name in (*STATE_VARS, "scale") if name not in {*data_vars, *coords}]
     if missing:
         raise StoreError(f"{path.name} is not a complete cwtflow state: no HDU for {missing}")

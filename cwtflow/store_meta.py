@@ -7,23 +7,19 @@
   resume's clean-up; the CLI after a catalog or provenance). A kill between two such points
   leaves it stale; cwtflow's readers never trust it (they open groups with
   ``consolidated=False`` and read the completion markers of each group itself).
-- `axis_coords`: 1-D ``lon`` (on x) and ``lat`` (on y) for a grid where they are separable;
-  each iteration group also carries the WCS cards in its attrs (``wcs``).
+- each iteration group carries the map's sky coordinates as the inputs do
+  (`cwtflow.maps.grid_coords`: 1-D ``lon``/``lat`` on a separable grid) and the WCS cards in
+  its attrs (``wcs``).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
 
-import numpy as np
-import xarray as xr
 import zarr
 
-from .maps import wcs_from_attrs
-
-__all__ = ["axis_coords", "consolidate"]
+__all__ = ["consolidate"]
 
 
 def consolidate(path: str | os.PathLike[str]) -> None:
@@ -33,23 +29,3 @@ def consolidate(path: str | os.PathLike[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "consolidated metadata is not part of zarr v3 spec"
         zarr.consolidate_metadata(str(path))
-
-
-def axis_coords(attrs: dict[str, Any], shape: tuple[int, int]) -> dict[str, xr.Variable]:
-    """1-D ``lon`` (on x) and ``lat`` (on y) of a grid where they are separable (CAR without
-    rotation: every row has the same longitudes, every column the same latitudes); else {}."""
-    wcs = wcs_from_attrs(attrs)
-    ny, nx = shape
-    if not wcs.wcs.ctype[0].upper().endswith("-CAR") or wcs.wcs.has_cd():
-        return {}
-    if wcs.wcs.get_pc()[0, 1] != 0 or wcs.wcs.get_pc()[1, 0] != 0:
-        return {}
-    x, y = np.arange(nx, dtype=np.float64), np.arange(ny, dtype=np.float64)
-    rows = [wcs.wcs_pix2world(x, np.full(nx, r), 0) for r in (0, ny - 1)]
-    cols = [wcs.wcs_pix2world(np.full(ny, c), y, 0) for c in (0, nx - 1)]
-    if not (np.array_equal(rows[0][0], rows[1][0]) and np.array_equal(cols[0][1], cols[1][1])):
-        return {}
-    return {
-        "lon": xr.Variable("x", rows[0][0], {"units": "deg", "long_name": "pixel longitude"}),
-        "lat": xr.Variable("y", cols[0][1], {"units": "deg", "long_name": "pixel latitude"}),
-    }

@@ -23,6 +23,7 @@ against the manifest); anything else raises `StoreError`. The sink holds the sto
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from dask.base import get_scheduler
 from .errors import InputError, StoreError
 from .halo import tile_batches
 from .iteration import IterationInfo, Settings
-from .maps import wcs_from_attrs
+from .maps import grid_coords, raise_pixel_errors, wcs_from_attrs
 from .state import STATE_VARS, VARIABLES, initial_state
 from .store import (
     FORMAT,
@@ -73,7 +74,7 @@ from .store_integrity import (
     update_root,
 )
 from .store_lock import LOCK_NAME, StoreLock
-from .store_meta import axis_coords, consolidate
+from .store_meta import consolidate
 from .version import __version__
 
 __all__ = ["ZarrSink"]
@@ -205,17 +206,21 @@ class ZarrSink:
 
     # -- protocol ----------------------------------------------------------------------------
 
-    def start(self, state: xr.Dataset) -> tuple[xr.Dataset, list[IterationInfo]]:
+    def start(
+        self, state: xr.Dataset, *, checks: dict[str, Any] | None = None
+    ) -> tuple[xr.Dataset, list[IterationInfo]]:
         """Prepare the store; the state to continue from and the iterations already done.
 
         A new store receives the inputs and ``state`` (the initial state) as iteration 0. A
         resumed store is checked against the inputs and cleaned of partial groups. The store's
-        lock is taken first and held until `close`.
+        lock is taken first and held until `close`. ``checks`` (`cwtflow.maps.pixel_checks` of a
+        lazy input) are computed with the write (or the checksums) of the inputs; bad pixels
+        raise `InputError` and leave no store.
         """
         try:
             self._open_existing()
             if self._existing and self.resume:
-                resumed = self._resume()
+                resumed = self._resume(checks)
                 if resumed is not None:
                     return resumed
         except BaseException:
@@ -224,7 +229,7 @@ class ZarrSink:
         if self._existing:
             clear_store(self.path)
         self._create()
-        self._write_inputs()
+        self._write_inputs(checks)
         self._write_group(0, state)
         self._mark(0, {"iteration": 0, "table": []})
         consolidate(self.path)
@@ -344,7 +349,7 @@ class ZarrSink:
                 out[name] = var.chunk({d: spec[d] for d in var.dims if d in spec})
         return out
 
-    def _write_inputs(self) -> None:
+    def _write_inputs(self, checks: dict[str, Any] | None = None) -> None:
         data = self.data
         names = [n for n in INPUT_VARS if n in data]
         coords = [c for c in ("lon", "lat") if c in data.coords]
@@ -364,7 +369,13 @@ class ZarrSink:
             encoding=self._encoding(ds),
             **WRITE_OPTIONS,
         )
-        _, digests = dask.compute(write, digests)
+        _, digests, values = dask.compute(write, digests, checks)
+        if values is not None:
+            try:
+                raise_pixel_errors(data, values)
+            except InputError:
+                shutil.rmtree(self.path, ignore_errors=True)  # created by this run: bad input
+                raise
         checksums = {n: combine_digests(self.shape, digests[n]) for n in names}
         self._lock.check()
         seal_group(self.path, "inputs", {"checksums": checksums})
@@ -390,7 +401,7 @@ class ZarrSink:
             [c for c in state.coords if c != "scale"], errors="ignore"
         )
         ds = self._rechunk(ds.drop_encoding()).assign_coords(
-            axis_coords(self.data.attrs, self.shape)
+            grid_coords(wcs_from_attrs(self.data.attrs), self.shape)
         )
         ds.attrs = {"iteration": k, "wcs": dict(self.data.attrs["wcs"])}
         target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
@@ -426,7 +437,9 @@ class ZarrSink:
     def _open_state(self, k: int) -> xr.Dataset:
         return compose_state(self._inputs_ds(), open_dataset(self.path, group_name(k)))
 
-    def _resume(self) -> tuple[xr.Dataset, list[IterationInfo]] | None:
+    def _resume(
+        self, checks: dict[str, Any] | None = None
+    ) -> tuple[xr.Dataset, list[IterationInfo]] | None:
         """Continue an existing store; None when it holds nothing worth keeping."""
         path = self.path
         inputs = open_group(path, "inputs")
@@ -435,7 +448,7 @@ class ZarrSink:
             if complete:
                 raise StoreError(f"{path}: corrupted store, complete iterations without inputs")
             return None  # killed while writing the inputs: start over
-        self._check_inputs()
+        self._check_inputs(checks)
         check_group(path, "inputs", full=True)
         state, done = None, []
         if complete:  # everything is checked before anything is deleted
@@ -468,7 +481,7 @@ class ZarrSink:
         consolidate(path)
         return state, done
 
-    def _check_inputs(self) -> None:
+    def _check_inputs(self, checks: dict[str, Any] | None = None) -> None:
         """Refuse a store whose inputs differ from ``data`` (arrays, then checksums)."""
         path = self.path
         inputs = self._inputs_ds()
@@ -485,7 +498,9 @@ class ZarrSink:
         if not isinstance(stored, dict) or set(stored) != set(names):
             raise StoreError(f"{path}: corrupted store, bad 'checksums' attr of the inputs")
         digests = {n: block_digests(self.data[n].data, self.chunks) for n in names}
-        (digests,) = dask.compute(digests)
+        digests, values = dask.compute(digests, checks)
+        if values is not None:
+            raise_pixel_errors(self.data, values)
         for n in names:
             if combine_digests(self.shape, digests[n]) != stored[n]:
                 raise StoreError(f"{path} holds other input maps: '{n}' differs (checksum)")

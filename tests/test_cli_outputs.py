@@ -26,6 +26,7 @@ import cwtflow
 from cwtflow.cli import cli
 from cwtflow.cli_demo import DEMO_KERNELS, DEMO_MATCH_RADIUS, DEMO_SETTINGS
 from cwtflow.io import write_maps
+from cwtflow.maps import sky_coordinates
 from cwtflow.provenance import PACKAGES
 from cwtflow.state import IMAGES, STATE_VARS
 from cwtflow.state_files import read_state, write_state
@@ -140,7 +141,7 @@ def _old_layout_bytes(state: xr.Dataset, path: Path) -> int:
     imgs = cwtflow.images(state)
     arrays = [imgs[n].values for n in IMAGES] + [state[n].values for n in ("transform_3d",)]
     arrays += [state["error"].values, state["support"].values, state["exposure"].values]
-    arrays += [state["lon"].values, state["lat"].values]
+    arrays += list(sky_coordinates(cwtflow.wcs_from_attrs(state.attrs), state["counts"].shape))
     hdus = [fits.PrimaryHDU()]
     hdus += [fits.ImageHDU(a.astype(np.uint8) if a.dtype == bool else a) for a in arrays]
     fits.HDUList(hdus).writeto(path)
@@ -172,8 +173,8 @@ def test_open_zarr_on_a_store_does_not_warn(tmp_path, maps_file):
     # iteration groups carry their sky grid: WCS cards, and 1-D lon/lat on a CAR grid
     assert group.attrs["wcs"]["CTYPE1"] == "GLON-CAR"
     inputs = cwtflow.open_history(store).inputs
-    np.testing.assert_array_equal(group["lon"].values, inputs["lon"].values[0])
-    np.testing.assert_array_equal(group["lat"].values, inputs["lat"].values[:, 0])
+    np.testing.assert_array_equal(group["lon"].values, inputs["lon"].values)
+    np.testing.assert_array_equal(group["lat"].values, inputs["lat"].values)
 
 
 def test_stale_consolidated_metadata_is_not_trusted(tmp_path, maps_file):

@@ -52,11 +52,15 @@ def test_make_maps():
     assert data["counts"].dtype == data["background"].dtype == np.float64
     np.testing.assert_array_equal(data["counts"].values, counts)
     np.testing.assert_array_equal(data["exposure"].values, exposure)
-    assert data["lon"].dims == data["lat"].dims == ("y", "x")
+    # a TAN grid is not separable: no coordinate arrays, the WCS in the attrs is the grid
+    assert "lon" not in data.coords and "lat" not in data.coords
+    json.dumps(data.attrs["wcs"])  # plain cards, storable anywhere
+    data = make_maps(counts, background, _car((3, 4), 0.1, lon0=30.0))
+    assert data["lon"].dims == ("x",) and data["lat"].dims == ("y",)
     assert data["lon"].attrs["units"] == "deg"
-    lon, lat = _tan((3, 4)).wcs_pix2world(3, 2, 0)
-    assert data["lon"].values[2, 3] == pytest.approx(float(lon), abs=1e-12)
-    assert data["lat"].values[2, 3] == pytest.approx(float(lat), abs=1e-12)
+    lon, lat = _car((3, 4), 0.1, lon0=30.0).wcs_pix2world(3, 2, 0)
+    assert data["lon"].values[3] == pytest.approx(float(lon), abs=1e-12)
+    assert data["lat"].values[2] == pytest.approx(float(lat), abs=1e-12)
     json.dumps(data.attrs["wcs"])  # plain cards, storable anywhere
 
 
@@ -64,9 +68,9 @@ def test_make_maps_default_wcs_is_centred_galactic_car():
     data = make_maps(np.zeros((11, 21)), np.ones((11, 21)))
     wcs = wcs_from_attrs(data.attrs)
     assert list(wcs.wcs.ctype) == ["GLON-CAR", "GLAT-CAR"]
-    assert data["lon"].values[5, 10] == pytest.approx(0.0, abs=1e-12)
-    assert data["lat"].values[5, 10] == pytest.approx(0.0, abs=1e-12)
-    assert abs(data["lat"].values[6, 10] - data["lat"].values[5, 10]) == pytest.approx(0.1)
+    assert data["lon"].values[10] == pytest.approx(0.0, abs=1e-12)
+    assert data["lat"].values[5] == pytest.approx(0.0, abs=1e-12)
+    assert abs(data["lat"].values[6] - data["lat"].values[5]) == pytest.approx(0.1)
     expected = default_wcs((11, 21))
     assert wcs_from_attrs({"wcs": wcs_to_attrs(expected)}).wcs.compare(wcs.wcs)
 
@@ -205,8 +209,8 @@ def test_cutout_synthetic():
     y0, x0 = np.argwhere(counts == out["counts"].values[0, 0])[0]
     np.testing.assert_array_equal(out["counts"].values, counts[y0 : y0 + 10, x0 : x0 + 20])
     np.testing.assert_array_equal(out["background"].values, 0.5 * out["counts"].values)
-    np.testing.assert_allclose(out["lon"].values, data["lon"].values[y0 : y0 + 10, x0 : x0 + 20])
-    np.testing.assert_allclose(out["lat"].values, data["lat"].values[y0 : y0 + 10, x0 : x0 + 20])
+    np.testing.assert_allclose(out["lon"].values, data["lon"].values[x0 : x0 + 20])
+    np.testing.assert_allclose(out["lat"].values, data["lat"].values[y0 : y0 + 10])
     centre = wcs_from_attrs(out.attrs).world_to_pixel(position)
     assert centre[0] == pytest.approx(9.5, abs=0.51) and centre[1] == pytest.approx(4.5, abs=0.51)
     # a square cutout from a scalar width
@@ -237,5 +241,71 @@ def test_survey_map_center_and_tutorial_cutout(survey_maps, survey_cutout):
     np.testing.assert_array_equal(
         survey_cutout["background"].values, survey_maps["background"].values[0:100, 900:1100]
     )
-    assert survey_cutout["lon"].values[0, 0] == pytest.approx(10.05, abs=1e-9)
-    assert survey_cutout["lat"].values[0, 0] == pytest.approx(-5.05, abs=1e-9)
+    assert survey_cutout["lon"].values[0] == pytest.approx(10.05, abs=1e-9)
+    assert survey_cutout["lat"].values[0] == pytest.approx(-5.05, abs=1e-9)
+    # continuous across l = 0: from +10 deg on the left to -10 deg on the right
+    assert survey_cutout["lon"].values[-1] == pytest.approx(-9.85, abs=1e-9)
+    assert np.all(np.diff(survey_maps["lon"].values) < 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinates: 1-D where separable, continuous in longitude, lazy 2-D on demand
+
+
+def test_galactic_centre_map_has_continuous_1d_coordinates():
+    shape = (50, 400)  # 40 x 5 deg around l = 0
+    data = make_maps(np.ones(shape), np.ones(shape), _car(shape, 0.1))
+    lon, lat = data["lon"].values, data["lat"].values
+    assert lon.shape == (400,) and lat.shape == (50,)
+    # x runs towards negative longitude without a jump at l = 0 (no 0 -> 360 wrap)
+    np.testing.assert_allclose(np.diff(lon), -0.1, atol=1e-9)
+    assert lon[0] == pytest.approx(19.95) and lon[-1] == pytest.approx(-19.95)
+    np.testing.assert_allclose(np.diff(lat), 0.1, atol=1e-9)
+    # selection by coordinate works on the 1-D axes
+    assert data.sel(lon=0.05, method="nearest")["lon"].item() == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("lon0", [0.0, 180.0, 359.0])
+def test_allsky_longitudes_stay_within_180_deg_of_the_centre(lon0):
+    wcs = _car((18, 36), 10.0, lon0=lon0)
+    lon, _ = cwtflow.maps.separable_axes(wcs, (18, 36))
+    assert np.all(np.diff(lon) < 0)
+    assert lon.max() - lon.min() == pytest.approx(350.0)
+    centre = float(wcs.wcs_pix2world(17.5, 8.5, 0)[0])
+    assert np.all((lon > centre - 180 - 1e-9) & (lon <= centre + 180 + 1e-9))
+
+
+def test_rotated_and_oblique_grids_get_no_coordinates():
+    rotated = _car((10, 20), 0.1)
+    rotated.wcs.pc = [[0.8, -0.6], [0.6, 0.8]]
+    oblique = _car((10, 20), 0.1)
+    oblique.wcs.crval = [30.0, 40.0]  # CAR around a point off the equator: lon depends on y
+    for wcs in (rotated, oblique, _tan((10, 20))):
+        assert cwtflow.maps.separable_axes(wcs, (10, 20)) is None
+        data = make_maps(np.ones((10, 20)), np.ones((10, 20)), wcs)
+        assert "lon" not in data.coords
+
+
+def test_lazy_sky_coordinates_match_the_wcs():
+    wcs = _tan((30, 40))
+    lon, lat = sky_coordinates(wcs, (30, 40), chunks=(16, 16))
+    assert lon.chunks == ((16, 14), (16, 16, 8))
+    eager = sky_coordinates(wcs, (30, 40))
+    np.testing.assert_array_equal(lon.compute(), eager[0])
+    np.testing.assert_array_equal(lat.compute(), eager[1])
+    world = wcs.pixel_to_world(39, 29)
+    assert float(lon[29, 39]) == pytest.approx(world.ra.deg)
+
+
+def test_pixel_checks_are_lazy_until_computed():
+    import dask
+
+    data = _good()
+    data["background"].values[0, 0] = -1.0
+    data = data.chunk({"y": 5, "x": 5})
+    out = cwtflow.maps.validate_layout(data)
+    checks = cwtflow.maps.pixel_checks(out)
+    assert all(hasattr(v, "dask") for v in checks.values())
+    (values,) = dask.compute(checks)
+    with pytest.raises(InputError, match="background contains negative pixels"):
+        cwtflow.maps.raise_pixel_errors(out, values)
