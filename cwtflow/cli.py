@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import astropy.units as u
 import click
 import xarray as xr
 from astropy.table import Table
@@ -33,6 +32,9 @@ from .cli_options import (
     load_maps,
     map_options,
     output_options,
+    parse_angle,
+    parse_psf,
+    psf_cwt,
     write_result,
 )
 from .engine import CWT
@@ -195,18 +197,27 @@ def cli() -> None:
     default=None,
     help="Run on a local dask cluster of this many worker processes bound to 127.0.0.1.",
 )
+@click.option(
+    "--psf",
+    default=None,
+    metavar="ANGLE",
+    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 %% "
+    "containment radius): sets the kernels by the PSF rule (docs/psf_rule.md), overriding "
+    "--n-scale/--min-scale/--step-scale, and is kept with the result for `cwtflow catalog`.",
+)
 @map_options
 @cwt_options
 @output_options
-def run(maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
+def run(maps: Path, out: Path, plot: Path | None, psf: str | None, **options: Any) -> None:
     """Run the CWT on MAPS (a FITS file with counts and background) and write the result."""
+    psf_value = None if psf is None else parse_psf(psf)
     out = check_result(out, overwrite=options["overwrite"], resume=options["resume"])
     if result_format(out) == "zarr":
         options["store"] = out
     if plot is not None:
         check_output(plot, overwrite=options["overwrite"], hint="--overwrite")
-    cwt = build_cwt(options)
     data = load_maps(maps, options)
+    cwt = build_cwt(options) if psf_value is None else psf_cwt(psf_value, data, options)
     state = _analyze(cwt, data, options)
     write_result(state, out, overwrite=options["overwrite"])
     click.echo(f"wrote {out} ({_summary(state)})")
@@ -353,10 +364,17 @@ def info(result: Path) -> None:
     help="Drop sources below this Poisson likelihood significance.",
 )
 @click.option(
-    "--psf-sigma",
-    type=click.FloatRange(min=0, min_open=True),
+    "--psf",
     default=None,
-    help="Gaussian PSF sigma (deg): test point sources instead of the model's shape.",
+    metavar="ANGLE",
+    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 %% "
+    "containment radius). Default: the PSF `cwtflow run --psf` kept with the result.",
+)
+@click.option(
+    "--fit-extension/--no-fit-extension",
+    default=CATALOG_DEFAULTS["fit_extension"],
+    show_default=True,
+    help="Also fit a Gaussian extension to every source.",
 )
 @click.option(
     "--deblend/--no-deblend",
@@ -373,9 +391,9 @@ def info(result: Path) -> None:
 )
 @click.option(
     "--min-separation",
-    type=click.FloatRange(min=0),
-    default=CATALOG_DEFAULTS["min_separation"],
-    help="Peaks closer than this (pixels) are one source (default: smallest wavelet width).",
+    default=None,
+    metavar="ANGLE",
+    help="Sources closer than this angle (e.g. 0.3deg) are one source (default: 2 PSF sigmas).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **options: Any):
@@ -395,14 +413,18 @@ def catalog(result: Path, out: Path, regions: Path | None, maps: Path | None, **
     check_output(out, overwrite=overwrite, hint="--overwrite")
     if regions is not None:
         check_output(regions, overwrite=overwrite, hint="--overwrite")
-    psf = options.pop("psf_sigma")
+    psf = options.pop("psf")
+    separation = options.pop("min_separation")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         table, in_store = catalog_of_result(
             result,
             exposure_maps=maps,
             overwrite=overwrite,
-            psf_sigma=None if psf is None else psf * u.deg,
+            psf=None if psf is None else parse_psf(psf),
+            min_separation=(
+                None if separation is None else parse_angle(separation, "--min-separation")
+            ),
             **options,
         )
     for warning in caught:

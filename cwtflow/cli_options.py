@@ -14,13 +14,14 @@ from typing import Any
 
 import astropy.units as u
 import click
+import numpy as np
 import xarray as xr
 from astropy.coordinates import SkyCoord
 from astropy.wcs.utils import wcs_to_celestial_frame
 
 from .catalog import find_sources
 from .engine import CWT
-from .errors import StoreError
+from .errors import InputError, StoreError
 from .formats import result_format
 from .io import check_output, read_maps, write_state
 from .kernels import CWTKernels
@@ -36,6 +37,9 @@ __all__ = [
     "load_maps",
     "map_options",
     "output_options",
+    "parse_angle",
+    "parse_psf",
+    "psf_cwt",
     "write_result",
 ]
 
@@ -257,3 +261,46 @@ def write_result(state: xr.Dataset, path: Path, *, overwrite: bool) -> Path:
     if result_format(path) == "zarr":
         return path
     return write_state(state, path, overwrite=overwrite)
+
+
+# --- the PSF (``run --psf``, ``catalog --psf``; the rule: docs/psf_rule.md) -------------------
+
+
+def parse_angle(text: str, name: str) -> u.Quantity:
+    """An angle written with its unit (``0.15deg``, ``9arcmin``); a bare number is refused."""
+    from .psf import as_angle
+
+    try:
+        value = u.Quantity(text)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: cannot read {text!r} as an angle, e.g. 0.15deg") from None
+    return as_angle(value, name, example="0.15deg")
+
+
+def parse_psf(text: str) -> Any:
+    """``--psf``: a Gaussian sigma (``0.15deg``) or a 68 % containment radius (``r68=0.23deg``)."""
+    from .psf import PSF
+
+    if text.strip().lower().startswith("r68="):
+        return PSF.from_r68(parse_angle(text.split("=", 1)[1], "--psf r68"))
+    return PSF.gaussian(parse_angle(text, "--psf"))
+
+
+def psf_cwt(psf: Any, data: xr.Dataset, options: Mapping[str, Any]) -> CWT:
+    """The estimator of `build_cwt` with the kernels the PSF rule gives for ``data``'s pixels,
+    recording the PSF in the run's parameters."""
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    pixel = float(np.mean(proj_plane_pixel_scales(wcs_from_attrs(data.attrs).celestial)))
+    kernels = CWTKernels.from_psf(psf, pixel * u.deg)
+    return CWT(
+        kernels,
+        max_iter=options["max_iter"],
+        tol=options["tol"],
+        significance_threshold=options["threshold"],
+        significance_island_threshold=options["island_threshold"],
+        remove_isolated=options["remove_isolated"],
+        wrap_lon=_WRAP[options["wrap_lon"]],
+        fft_workers=options["fft_workers"],
+        psf=psf,
+    )

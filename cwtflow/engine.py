@@ -15,6 +15,7 @@ from .errors import InputError
 from .iteration import IterationInfo, Settings, Sink, Step, run_summary, variance_ratio
 from .kernels import CWTKernels
 from .maps import is_allsky, validate_maps, wcs_from_attrs
+from .psf import as_psf
 from .state import initial_state, new_state
 from .store_writer import ZarrSink
 from .tiled import TiledStep
@@ -47,6 +48,11 @@ class CWT:
         the map is a CAR grid spanning 360 deg; ``False`` forces the reference (zero) boundary.
     fft_workers : int
         Threads scipy.fft may use per convolution (1 inside dask tiles).
+    psf : astropy Quantity or cwtflow.psf.PSF, optional
+        The instrument's PSF (a Gaussian sigma as an angle, e.g. ``0.15 * u.deg``). It does not
+        change the iteration: it is recorded in the run's parameters (``psf_sigma_deg``, in
+        result files and stores) so that `cwtflow.find_sources` uses it. Build matching
+        kernels with `CWTKernels.from_psf`.
 
     Attributes
     ----------
@@ -66,6 +72,7 @@ class CWT:
         keep_history: bool = False,
         wrap_lon: bool | None = None,
         fft_workers: int = 1,
+        psf: Any = None,
     ) -> None:
         if not isinstance(kernels, CWTKernels):
             raise InputError(f"kernels must be a CWTKernels, got {type(kernels).__name__}")
@@ -101,6 +108,7 @@ class CWT:
             keep_history=bool(keep_history),
             wrap_lon=wrap_lon,
             fft_workers=int(fft_workers),
+            psf_sigma_deg=None if psf is None else float(as_psf(psf).sigma.to_value("deg")),
         )
         self.history: list[xr.Dataset] = []
 
@@ -114,6 +122,7 @@ class CWT:
     keep_history = property(lambda self: self.settings.keep_history)
     wrap_lon = property(lambda self: self.settings.wrap_lon)
     fft_workers = property(lambda self: self.settings.fft_workers)
+    psf_sigma_deg = property(lambda self: self.settings.psf_sigma_deg)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())

@@ -51,6 +51,9 @@ class Settings:
     keep_history: bool = False
     wrap_lon: bool | None = None
     fft_workers: int = 1
+    #: Gaussian PSF sigma (deg) the run was set up for (``CWT(psf=...)``), or None; it does
+    #: not change the iteration, it lets the catalog find the PSF in the result or store.
+    psf_sigma_deg: float | None = None
 
     def parameters(self) -> dict[str, Any]:
         """All settings that determine the numbers, JSON-ready (kernels included); the
@@ -64,6 +67,7 @@ class Settings:
             "remove_isolated": self.cleaning.remove_isolated,
             "keep_history": self.keep_history,
             "wrap_lon": self.wrap_lon,
+            "psf_sigma_deg": self.psf_sigma_deg,
         }
 
 
