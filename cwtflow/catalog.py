@@ -24,13 +24,15 @@ error; sigma_psf is the PSF's Gaussian sigma):
   ``min_separation`` to one, and whose point-source significance at the model centroid
   (Cash 1979 likelihood ratio of a Gaussian PSF of fixed position over B) reaches
   ``min_significance - 1.5``; it seeds the fit with its centroid and counts.
-- *fit* (`cwtflow.likelihood`, `cwtflow.refine`): on a window of the map around the candidate,
-  ``mu = B + (other sources) + a G``, G a pixel-integrated Gaussian of sigma
-  ``sqrt(sigma_psf^2 + extension^2)``; position, expected counts ``a`` (and extension) maximise
-  the Poisson likelihood with B and the other sources fixed, in sweeps. Candidates converging
-  within ``min_separation`` of a higher-TS one are dropped.
-- ``ts``: ``2 (log L - log L0)`` of the point-source fit against ``mu0 = B + (other
-  sources)`` (the detection test, for extended sources too); ``significance``: ``sqrt(ts)``.
+- *fit* (`cwtflow.likelihood`, `cwtflow.refine`): on a window of the map around the candidate
+  (5 PSF sigmas), ``mu = beta B + (other sources) + a G``, G a pixel-integrated Gaussian of
+  sigma ``sqrt(sigma_psf^2 + extension^2)``; position, expected counts ``a`` (and extension)
+  maximise the Poisson likelihood with the other sources fixed, in sweeps; ``beta`` is the
+  background model's local normalisation, fitted too (``fit_background``, default) or 1.
+  Candidates converging within ``min_separation`` of a higher-TS one are dropped.
+- ``ts``: ``2 (log L - log L0)`` of the point-source fit against ``mu0 = beta0 B + (other
+  sources)``, ``beta0`` refitted without the source (the detection test, for extended sources
+  too); ``significance``: ``sqrt(ts)``.
   Sources below ``min_significance`` are dropped.
 - ``x_err``, ``y_err``, ``source_counts_err``, ``extension_err``: from the inverse Fisher
   information at the maximum; ``pos_err``: ``sqrt((x_err^2 dx^2 + y_err^2 dy^2) / 2)`` (deg)
@@ -245,6 +247,7 @@ def find_sources(
     contrast: float = 0.2,
     min_separation: u.Quantity | None = None,
     fit_extension: bool = True,
+    fit_background: bool = True,
     kernels: CWTKernels | None = None,
 ) -> QTable:
     """Catalog of the sources in a CWT result, refined by a Poisson likelihood fit.
@@ -274,6 +277,9 @@ def find_sources(
         ``MIN_SEPARATION_PER_SIGMA`` (2) PSF sigmas.
     fit_extension : bool
         Also fit a Gaussian extension (``extension``, ``ts_ext``, ``extended``).
+    fit_background : bool
+        Let the background model's normalisation float on each fit window, with and without
+        the source (a diffuse model locally off by some percent does not make sources).
     kernels : CWTKernels, optional
         The run's kernels, when the result's attrs do not record them (they must match the
         result's ``scale`` coordinate).
@@ -357,7 +363,7 @@ def find_sources(
         psf_pix,
         sep_pix,
         max_extension,
-        fit_extension,
+        (fit_extension, fit_background),
         wrap,
         shape,
         wcs,
@@ -378,6 +384,7 @@ def find_sources(
             "PSFSIGMA": float(psf_pix * pixel_size),  # deg
             "PSFFROM": psf_from,
             "FITEXT": bool(fit_extension),
+            "FITBKG": bool(fit_background),
             "TSEXT": EXTENDED_TS,
             "NISLAND": int(n),
             "NCAND": len(seeds),
@@ -427,13 +434,14 @@ def _refined_table(
     psf_pix,
     sep_pix,
     max_extension,
-    fit_extension,
+    fits,
     wrap,
     shape,
     wcs,
     kernels,
     min_significance,
 ) -> QTable:
+    fit_extension, fit_background = fits
     frame = _frame(wcs)
     if not seeds:
         return empty_table(frame)
@@ -462,6 +470,7 @@ def _refined_table(
         min_separation=sep_pix,
         max_extension=max_extension,
         fit_extension=fit_extension,
+        fit_background=fit_background,
         period=shape[1] if wrap else None,
     )
     keep = fit.keep & (np.sqrt(fit.ts) >= min_significance) & np.isfinite(fit.x_err)

@@ -45,7 +45,7 @@ R95_PER_SIGMA = math.sqrt(-2.0 * math.log(1.0 - 0.95))
 
 # --- the rule (docs/psf_rule.md) ------------------------------------------------------------
 #: Smallest wavelet scale / PSF sigma (the smallest wavelet's width is ``step_scale`` times it).
-MIN_SCALE_PER_SIGMA = 1.0
+MIN_SCALE_PER_SIGMA = 0.75
 #: Ratio between successive scales.
 STEP_SCALE = 2.0
 #: Number of scales: widths 2 and 4 PSF sigmas (point sources and sources up to ~2 sigma).

@@ -24,10 +24,12 @@ import numpy as np
 from .likelihood import Fit, fit_sources, source_images
 from .psf import EXTENDED_TS
 
-__all__ = ["BATCH", "N_SWEEPS", "Refined", "Windows", "refine"]
+__all__ = ["BATCH", "N_SWEEPS", "POINT_WINDOW", "Refined", "Windows", "refine"]
 
 #: Windows per dask task.
 BATCH = 128
+#: Half-width of the point-source fit window, in PSF sigmas.
+POINT_WINDOW = 5.0
 #: Sweeps of the point-source fits with the neighbour models updated in between.
 N_SWEEPS = 3
 
@@ -72,13 +74,21 @@ def _batched_fit(
     k = counts.shape[0]
     if k <= BATCH:
         return fit_sources(counts, base, valid, start, **kwargs)
+
+    def part(i: int) -> dict:
+        # per-window arrays among the keywords (the other sources' models) are cut too
+        return {
+            name: value[i : i + BATCH] if isinstance(value, np.ndarray) else value
+            for name, value in kwargs.items()
+        }
+
     tasks = [
         dask.delayed(fit_sources)(
             counts[i : i + BATCH],
             base[i : i + BATCH],
             valid[i : i + BATCH],
             start[i : i + BATCH],
-            **kwargs,
+            **part(i),
         )
         for i in range(0, k, BATCH)
     ]
@@ -125,6 +135,7 @@ def refine(
     min_separation: float,
     max_extension: float,
     fit_extension: bool = True,
+    fit_background: bool = True,
     period: int | None = None,
 ) -> Refined:
     """Fit every candidate (see the module docstring).
@@ -143,6 +154,9 @@ def refine(
         Largest fitted extension sigma (pixels).
     fit_extension : bool
         Fit the Gaussian extension (else every source is a point source).
+    fit_background : bool
+        Fit a local scale of the background model on every window (with and without the
+        source; `cwtflow.likelihood.fit_sources`).
     period : int, optional
         Map width when x wraps around (all-sky maps).
     """
@@ -150,28 +164,30 @@ def refine(
     origin = windows.origin.astype(np.float64)
     params = np.array(seeds, dtype=np.float64)  # (a, x, y) map frame
     alive = np.ones(k, dtype=bool)
-    # the point fit uses the window's core: 5 PSF sigmas around the centre
-    half_point = min(size // 2, math.ceil(5 * psf_sigma) + 1)
+    # the point fit uses the window's core: POINT_WINDOW PSF sigmas around the centre
+    half_point = min(size // 2, math.ceil(POINT_WINDOW * psf_sigma) + 1)
     core = slice(size // 2 - half_point, size // 2 + half_point + 1)
     shift = size // 2 - half_point
     max_shift = max(2.0 * psf_sigma, 1.5)
     psf = np.full(k, psf_sigma)
     for _ in range(N_SWEEPS):
-        base = windows.background + _neighbour_models(params, psf, alive, origin, size, period)
+        others = _neighbour_models(params, psf, alive, origin, size, period)
         start = params.copy()
         start[:, 1:] -= origin[:, ::-1] + shift
         point = _batched_fit(
             windows.counts[:, core, core],
-            base[:, core, core],
+            windows.background[:, core, core],
             windows.valid[:, core, core],
             start,
+            others=others[:, core, core],
             psf_sigma=psf_sigma,
             max_shift=max_shift,
+            fit_background=fit_background,
         )
-        params = point.params.copy()
+        params = point.params[:, :3].copy()
         params[:, 1:] += origin[:, ::-1] + shift
         alive &= _unique(params, point.ts, alive, min_separation, period)
-    ts, cov, converged = point.ts, point.cov, point.converged
+    ts, cov, converged = point.ts, point.cov[:, :3, :3], point.converged
     ts_ext = np.zeros(k)
     extended = np.zeros(k, dtype=bool)
     extension = np.zeros(k)
@@ -183,22 +199,27 @@ def refine(
         # extension may not swallow the point sources around it
         local = params[todo].copy()
         local[:, 1:] -= origin[todo][:, ::-1]
+        common = {
+            "others": others[todo],
+            "psf_sigma": psf_sigma,
+            "max_shift": max_shift,
+            "fit_background": fit_background,
+        }
+        # the point model refitted on the whole window, for a like-for-like TS_ext
+        whole = _batched_fit(
+            windows.counts[todo], windows.background[todo], windows.valid[todo], local, **common
+        )
+        start = np.column_stack([whole.params[:, :3], np.full(todo.size, 0.25 * psf_sigma**2)])
         ext_fit = _batched_fit(
             windows.counts[todo],
-            base[todo],
+            windows.background[todo],
             windows.valid[todo],
-            np.column_stack([local, np.full(todo.size, 0.25 * psf_sigma**2)]),
-            psf_sigma=psf_sigma,
+            start,
             extended=True,
-            max_shift=max_shift,
             max_extension=max_extension,
+            **common,
         )
-        mu = base[todo] + source_images(
-            local[:, 0], local[:, 1], local[:, 2], psf[todo], (size, size)
-        )
-        mu = np.maximum(mu, 1e-10)
-        valid = windows.valid[todo]
-        ll_point = np.sum(np.where(valid, windows.counts[todo] * np.log(mu) - mu, 0.0), (1, 2))
+        ll_point = whole.loglike
         gain = np.maximum(2.0 * (ext_fit.loglike - ll_point), 0.0)
         ext = gain >= EXTENDED_TS
         ts_ext[todo] = gain

@@ -289,8 +289,10 @@ def test_bare_numbers_for_angles_are_refused(three_sources, call, message):
 
 def test_kernels_from_the_psf_keep_pixel_scales():
     kernels = cwtflow.CWTKernels.from_psf(0.15 * u.deg, 0.1 * u.deg)
-    assert kernels == cwtflow.CWTKernels(2, 1.5, 2.0)
-    assert cwtflow.CWTKernels.from_psf(9 * u.arcmin, 0.05 * u.deg).min_scale == pytest.approx(3)
+    rule = PSF_MODULE.MIN_SCALE_PER_SIGMA
+    assert kernels == cwtflow.CWTKernels(2, rule * 1.5, 2.0)
+    same = cwtflow.CWTKernels.from_psf(9 * u.arcmin, 0.05 * u.deg)
+    assert same.min_scale == pytest.approx(rule * 3)
 
 
 @pytest.mark.parametrize("psf", [None, PSF])
@@ -519,7 +521,8 @@ def test_cli_run_with_the_psf_only_then_catalog(tmp_path, three_sources):
     assert done.exit_code == 0, done.output
     params = cwtflow.open_history(store).parameters
     assert params["psf_sigma_deg"] == pytest.approx(0.15)
-    assert (params["n_scale"], params["min_scale"], params["step_scale"]) == (2, 1.5, 2.0)
+    expected = (2, PSF_MODULE.MIN_SCALE_PER_SIGMA * 1.5, 2.0)
+    assert (params["n_scale"], params["min_scale"], params["step_scale"]) == expected
     out = tmp_path / "sources.ecsv"
     done = invoke("catalog", store, "--out", out)
     assert done.exit_code == 0, done.output
