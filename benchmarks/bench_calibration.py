@@ -228,7 +228,7 @@ def plot(pull: dict, false: list[dict], ext: list[dict], path: Path) -> None:
         )
         axes[1].plot(table["threshold"][sel], table["expected_per_deg2"][sel], "-", color=colour)
     axes[1].set(yscale="log", xlabel="significance threshold", ylabel="false detections / deg2")
-    axes[1].set_title("pure background (lines: Gaussian-field expectation)")
+    axes[1].set_title("pure background (lines: Gaussian-field expectation; 1e-7: none)")
     axes[1].legend(fontsize=7)
     et = Table(rows=[list(r.values()) for r in ext], names=list(ext[0]))
     for psf, colour in ((1.5, "C0"), (2.5, "C1")):
