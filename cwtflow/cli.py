@@ -201,7 +201,7 @@ def cli() -> None:
     "--psf",
     default=None,
     metavar="ANGLE",
-    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 %% "
+    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 % "
     "containment radius): sets the kernels by the PSF rule (docs/psf_rule.md), overriding "
     "--n-scale/--min-scale/--step-scale, and is kept with the result for `cwtflow catalog`.",
 )
@@ -367,7 +367,7 @@ def info(result: Path) -> None:
     "--psf",
     default=None,
     metavar="ANGLE",
-    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 %% "
+    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 % "
     "containment radius). Default: the PSF `cwtflow run --psf` kept with the result.",
 )
 @click.option(
@@ -375,6 +375,12 @@ def info(result: Path) -> None:
     default=CATALOG_DEFAULTS["fit_extension"],
     show_default=True,
     help="Also fit a Gaussian extension to every source.",
+)
+@click.option(
+    "--fit-background/--fixed-background",
+    default=CATALOG_DEFAULTS["fit_background"],
+    show_default=True,
+    help="Let the background model's normalisation float on each fit window.",
 )
 @click.option(
     "--deblend/--no-deblend",
