@@ -1,50 +1,53 @@
-"""Source catalog from a CWT result: islands of the support, deblended, measured, written out.
+"""Source catalog from a CWT result: candidates from the support's islands, refined by a Poisson
+likelihood fit with the instrument's PSF.
 
-`find_sources` turns a state Dataset (numpy- or dask-backed) into an astropy Table with one row
-per source (written out by `cwtflow.catalog_files`).
-The per-island numerics are the pure-numpy functions of `cwtflow.peaks`; this module gathers the
-island cut-outs (only those pixels are read from a lazy state), converts pixels to the sky and
-assembles the table.
+`find_sources` turns a state Dataset (numpy- or dask-backed) into an astropy `QTable` with one
+row per source (written out by `cwtflow.catalog_files`). The candidates are the deblended
+components of the support's islands (`cwtflow.peaks`); each is then fitted on the counts by
+`cwtflow.refine` / `cwtflow.likelihood`; this module gathers the island cut-outs (only those
+pixels are read from a lazy state), converts pixels to the sky and assembles the table
+(`cwtflow.catalog_table`).
 
 Definitions (pixel coordinates are 0-based, pixel centres on integers, x along longitude;
-"the region" of a source is the set of island pixels its watershed component holds; M, C, B,
-A, T_i, E_i are the state's model, counts, background, approximation, transform and error):
+M, C, B, A, T_i, E_i are the state's model, counts, background, approximation, transform and
+error; sigma_psf is the PSF's Gaussian sigma):
 
+- *PSF*: given (``psf``), else the one the run recorded (``attrs["parameters"]
+  ["psf_sigma_deg"]``, written by ``CWT(psf=...)``), else the one the rule of
+  ``docs/psf_rule.md`` assigns to the run's kernels (``min_scale / MIN_SCALE_PER_SIGMA``);
+  ``meta["PSFFROM"]`` says which.
 - *island*: a connected component (4-connectivity, like the CWT's own support cleaning) of the
   2-D support ``any_i S_i``; on an all-sky map (`cwtflow.maps.is_allsky`) islands touching
   across the longitude seam are one island.
-- *source*: a deblended component of an island (`cwtflow.peaks`): a watershed region of M
+- *candidate*: a deblended component of an island (`cwtflow.peaks`): a watershed region of M
   whose peak is neither a shoulder of a higher peak (``contrast``) nor closer than
-  ``min_separation`` to one, and whose ``significance`` reaches ``min_significance``.
-- ``significance``: Poisson likelihood-ratio test of a source on top of the null background
-  b (B, or ``max(B + A, 0)`` with ``approx_in_null``), ``TS = 2 max_a sum(C ln(1 + a m / b) -
-  a m)`` over the amplitude ``a >= 0`` of a source template m (Cash 1979; for one pixel this is
-  Li & Ma 1983 eq. 17 with a perfectly known background), ``significance = sqrt(TS)``. The
-  template is the source's own model (M on its region; only the region's pixels count) or,
-  when ``psf_sigma`` is given, a point source: a unit-integral Gaussian of that sigma at the
-  centroid over a window of 4 sigma, with the model of every other source added to b there.
-  B alone is the default null because A = conv(C - M - B, G) still holds the part of every
-  source that the model has not yet absorbed (the model grows by a fraction of the excess per
-  iteration), so B + A takes a large share of a faint source's counts into the null.
-- ``source_counts``: the fitted source counts, ``a* sum(m)`` (model template; counts inside the
-  region) or ``a*`` (point source); ``model_counts``: ``sum(M)`` over the region (smaller when
-  the iteration stopped before the model took all the excess); ``counts`` and
-  ``background``: sums of C and of b over the region.
-- ``x``, ``y``: centroid of M over the region.
-- ``pos_err``: per-axis 1-sigma position error, the Cramér-Rao bound of the fitted source
-  (template m, amplitude a*) over b: ``var(x) = 1 / sum((a* dm/dx)^2 / (b + a* m))``, the same
-  for y, ``pos_err = sqrt((var(x) dx^2 + var(y) dy^2) / 2)`` with the pixel sizes dx, dy in
-  deg (for a Gaussian of sigma s without background: ``s / sqrt(counts)``). A lower bound:
-  the model centroid is not the maximum-likelihood position.
-- ``peak_significance``, ``peak_scale``: at the peak pixel of M in the region, the maximum over
-  scales of ``(T_i + conv(M_src, K_i)) / E_i`` — the state's transform of the residual with the
-  source's own model ``M_src`` (M on the region) added back, over its Gaussian error — and the
-  scale (pixels) where it peaks.
-- ``extent``: ``sqrt((l1 + l2) / 2)`` of the eigenvalues l1 >= l2 of the second-moment matrix
-  of M over the region (deg; for a circular Gaussian blob its sigma, PSF included);
-  ``extent_major`` / ``extent_minor`` are ``sqrt(l1)``, ``sqrt(l2)``.
-- ``flux``: ``source_counts`` over the M-weighted mean exposure of the region (cm-2 s-1 for an
-  exposure in cm2 s); NaN without an exposure map.
+  ``min_separation`` to one, and whose point-source significance at the model centroid
+  (Cash 1979 likelihood ratio of a Gaussian PSF of fixed position over B) reaches
+  ``min_significance - 1.5``; it seeds the fit with its centroid and counts.
+- *fit* (`cwtflow.likelihood`, `cwtflow.refine`): on a window of the map around the candidate
+  (5 PSF sigmas), ``mu = beta B + (other sources) + a G``, G a pixel-integrated Gaussian of
+  sigma ``sqrt(sigma_psf^2 + extension^2)``; position, expected counts ``a`` (and extension)
+  maximise the Poisson likelihood with the other sources fixed, in sweeps; ``beta`` is the
+  background model's local normalisation, fitted too (``fit_background``, default) or 1.
+  Candidates converging within ``min_separation`` of a higher-TS one are dropped.
+- ``ts``: ``2 (log L - log L0)`` of the point-source fit against ``mu0 = beta0 B + (other
+  sources)``, ``beta0`` refitted without the source (the detection test, for extended sources
+  too); ``significance``: ``sqrt(ts)``.
+  Sources below ``min_significance`` are dropped.
+- ``x_err``, ``y_err``, ``source_counts_err``, ``extension_err``: from the inverse Fisher
+  information at the maximum; ``pos_err``: ``sqrt((x_err^2 dx^2 + y_err^2 dy^2) / 2)`` (deg)
+  and ``pos_err_68``/``pos_err_95`` the radii of the 68 % / 95 % circles of a circular 2-D
+  Gaussian error of that sigma (1.515 and 2.448 times it).
+- ``extension``: intrinsic Gaussian sigma of the extended fit; ``ts_ext`` ``2 (log L_ext -
+  log L_point)``; ``extended``: ``ts_ext >= cwtflow.psf.EXTENDED_TS`` (16); an extended
+  source's position and counts are those of its extended fit (its TS is about ``ts +
+  ts_ext``).
+- ``flux``: ``source_counts`` over the exposure averaged with the source's shape (cm-2 s-1 for
+  an exposure in cm2 s); NaN without an exposure map.
+- ``peak_significance``, ``peak_scale``: at the candidate's peak pixel of M, the maximum over
+  scales of ``(T_i + conv(M_src, K_i)) / E_i`` and the scale (pixels) where it peaks;
+  ``npix``, ``model_counts``, ``counts``, ``background``: the candidate's support region, its
+  pixel count and sums of M, C and B over it.
 """
 
 from __future__ import annotations
@@ -60,54 +63,28 @@ import dask
 import numpy as np
 import xarray as xr
 from astropy import units as u
-from astropy.table import Table
+from astropy.table import QTable
 from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import ndimage
 
 from . import core, peaks
+from .catalog_table import CATALOG_COLUMNS, assemble_table, empty_table
 from .checks import flag, number
 from .errors import InputError, ParameterError
 from .kernels import CWTKernels
 from .maps import is_allsky, wcs_from_attrs
+from .psf import (
+    EXTENDED_TS,
+    MAX_EXTENSION_PER_SIGMA,
+    MIN_SCALE_PER_SIGMA,
+    MIN_SEPARATION_PER_SIGMA,
+    PSF,
+    as_angle,
+    as_psf,
+)
+from .refine import Windows, refine
 
 __all__ = ["CATALOG_COLUMNS", "find_sources"]
-
-#: name -> (dtype, unit, description) of every catalog column, in table order.
-CATALOG_COLUMNS: dict[str, tuple[type, str | None, str]] = {
-    "id": (np.int64, None, "source number, 1 = most significant"),
-    "island": (np.int64, None, "support island the source belongs to"),
-    "x": (np.float64, "pix", "model-weighted centroid, 0-based pixel x"),
-    "y": (np.float64, "pix", "model-weighted centroid, 0-based pixel y"),
-    "lon": (np.float64, "deg", "centroid longitude in the map frame"),
-    "lat": (np.float64, "deg", "centroid latitude in the map frame"),
-    "ra": (np.float64, "deg", "centroid right ascension (ICRS)"),
-    "dec": (np.float64, "deg", "centroid declination (ICRS)"),
-    "pos_err": (np.float64, "deg", "per-axis 1-sigma position error (Cramer-Rao bound)"),
-    "peak_significance": (
-        np.float64,
-        None,
-        "max over scales of (T_i + conv(M_src, K_i)) / E_i at the model peak",
-    ),
-    "peak_scale": (np.float64, "pix", "wavelet scale of the peak significance"),
-    "extent": (np.float64, "deg", "rms radius of the model: sqrt((l1 + l2) / 2)"),
-    "extent_major": (np.float64, "deg", "model rms along the major axis"),
-    "extent_minor": (np.float64, "deg", "model rms along the minor axis"),
-    "npix": (np.int64, None, "pixels in the source's region"),
-    "model_counts": (np.float64, "ct", "sum of the model over the source's region"),
-    "source_counts": (
-        np.float64,
-        "ct",
-        "maximum-likelihood source counts (model-shaped or point-source template)",
-    ),
-    "counts": (np.float64, "ct", "observed counts in the source's region"),
-    "background": (np.float64, "ct", "null-hypothesis background counts in the region"),
-    "significance": (
-        np.float64,
-        None,
-        "Poisson likelihood-ratio significance of the source over the background",
-    ),
-    "flux": (np.float64, "cm-2 s-1", "source counts / model-weighted mean exposure"),
-}
 
 _REQUIRED = ("support", "model", "transform_3d", "error", "counts", "background", "approx")
 
@@ -237,84 +214,112 @@ def _data(result: xr.Dataset, name: str) -> Any:
     return var.transpose(*dims).variable.data
 
 
-def _empty_table() -> Table:
-    table = Table()
-    for name, (dtype, unit, description) in CATALOG_COLUMNS.items():
-        table[name] = np.zeros(0, dtype=dtype)
-        table[name].unit = unit
-        table[name].description = description
-    return table
+def _run_psf(result: xr.Dataset, psf: Any, kernels: CWTKernels) -> tuple[PSF | None, str]:
+    """The PSF (or None: from the kernels, in pixels) and where it came from."""
+    if psf is not None:
+        return as_psf(psf), "given"
+    params = _parameters(result)
+    recorded = params.get("psf_sigma_deg") if params else None
+    if recorded:
+        return PSF(float(recorded) * u.deg), "run"
+    return None, "kernels"
+
+
+def _parameters(result: xr.Dataset) -> Mapping[str, Any]:
+    params = result.attrs.get("parameters")
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except ValueError:
+            params = None
+    return params if isinstance(params, Mapping) else {}
+
+
+#: Seeds are kept down to this much below ``min_significance`` (the fit usually gains).
+SEED_MARGIN = 1.5
 
 
 def find_sources(
     result: xr.Dataset,
     *,
+    psf: Any = None,
     exposure: Any = None,
     min_significance: float = 5.0,
     deblend: bool = True,
     contrast: float = 0.2,
-    min_separation: float | None = None,
-    approx_in_null: bool = False,
-    psf_sigma: float | u.Quantity | None = None,
+    min_separation: u.Quantity | None = None,
+    fit_extension: bool = True,
+    fit_background: bool = True,
     kernels: CWTKernels | None = None,
-) -> Table:
-    """Catalog of the sources in a CWT result.
+) -> QTable:
+    """Catalog of the sources in a CWT result, refined by a Poisson likelihood fit.
 
     Parameters
     ----------
     result : xarray.Dataset
         A CWT state (`CWT.analyze`'s return value, a state read back from FITS or zarr);
         numpy- or dask-backed. Only the 2-D support is read whole; every other variable is
-        read on the islands' bounding boxes only.
+        read on the islands' bounding boxes (with a margin for the fit windows) only.
+    psf : astropy Quantity or cwtflow.psf.PSF, optional
+        The instrument's PSF: a Gaussian sigma as an angle (``0.15 * u.deg``) or a
+        `cwtflow.psf.PSF`. Default: the PSF the run recorded (``CWT(psf=...)``), else the one
+        the PSF rule gives the run's kernels (see the module docstring).
     exposure : xarray.DataArray or array-like, shape (ny, nx), optional
-        Exposure in cm2 s for the ``flux`` column. Defaults to ``result["exposure"]`` when the
-        result carries one; without either, ``flux`` is NaN.
+        Exposure in cm2 s for the ``flux`` columns. Defaults to ``result["exposure"]`` when
+        the result carries one; without either, ``flux`` is NaN.
     min_significance : float
-        Sources whose Poisson ``significance`` is below this are dropped.
+        Sources whose fitted ``significance`` (``sqrt(ts)``) is below this are dropped.
     deblend : bool
-        Split islands with several peaks into several sources (else one source per island).
+        Split islands with several peaks into several candidates.
     contrast : float
-        A secondary model peak is its own source only if it rises at least this fraction of
-        its height above the saddle joining it to a higher peak (0 <= contrast < 1).
-    min_separation : float, optional
-        Peaks closer than this (pixels) are one source. Default: the width of the smallest
-        wavelet, ``min_scale * step_scale``.
-    approx_in_null : bool
-        Use ``max(B + A, 0)`` instead of B as the background of the likelihood test.
-    psf_sigma : float or astropy Quantity, optional
-        Sigma of a Gaussian approximation of the PSF (pixels, or an angle). When given, the
-        ``significance``, ``source_counts`` and ``pos_err`` are those of a point source at the
-        centroid (see the module docstring) instead of a source with the model's shape.
+        A secondary model peak is its own candidate only if it rises at least this fraction
+        of its height above the saddle joining it to a higher peak (0 <= contrast < 1).
+    min_separation : astropy Quantity, optional
+        Peaks (and fitted sources) closer than this angle are one source. Default:
+        ``MIN_SEPARATION_PER_SIGMA`` (2) PSF sigmas.
+    fit_extension : bool
+        Also fit a Gaussian extension (``extension``, ``ts_ext``, ``extended``).
+    fit_background : bool
+        Let the background model's normalisation float on each fit window, with and without
+        the source (a diffuse model locally off by some percent does not make sources).
     kernels : CWTKernels, optional
         The run's kernels, when the result's attrs do not record them (they must match the
         result's ``scale`` coordinate).
 
     Returns
     -------
-    astropy.table.Table
-        One row per source, columns `CATALOG_COLUMNS` (defined in this module's docstring),
-        ordered by decreasing ``significance``; ``meta`` records the settings and the
-        frame. No source: the same columns with no rows, and a `UserWarning`.
+    astropy.table.QTable
+        One row per source, columns `CATALOG_COLUMNS` and ``sky_centroid`` (defined in this
+        module's docstring), ordered by decreasing ``ts``; ``meta`` records the settings and
+        the frame. No source: the same columns with no rows, and a `UserWarning`.
     """
     shape = _check_result(result)
     min_significance = number("min_significance", min_significance)
     if not (_is_real(contrast) and 0 <= contrast < 1):
         raise ParameterError(f"contrast must be in [0, 1), got {contrast!r}")
     deblend = flag("deblend", deblend)
-    approx_in_null = flag("approx_in_null", approx_in_null)
     kernels = _run_kernels(result, kernels)
-    if min_separation is None:
-        min_separation = kernels.min_scale * kernels.step_scale
-    if not (_is_real(min_separation) and np.isfinite(min_separation) and min_separation >= 0):
-        raise ParameterError(
-            f"min_separation must be a non-negative number, got {min_separation!r}"
-        )
     wcs = wcs_from_attrs(result.attrs).celestial
     pixel_size = float(np.mean(proj_plane_pixel_scales(wcs)))
-    psf_pix = _psf_pixels(psf_sigma, pixel_size)
+    psf_obj, psf_from = _run_psf(result, psf, kernels)
+    if psf_obj is None:
+        psf_pix = kernels.min_scale / MIN_SCALE_PER_SIGMA
+    else:
+        psf_pix = psf_obj.sigma_pixels(pixel_size * u.deg)
+    if min_separation is None:
+        sep_pix = MIN_SEPARATION_PER_SIGMA * psf_pix
+    else:
+        sep = min_separation
+        if isinstance(sep, u.Quantity) and sep.unit.is_equivalent(u.deg) and sep.value == 0:
+            sep_pix = 0.0
+        else:
+            sep_pix = float(as_angle(sep, "min_separation", example="0.3 * u.deg").value)
+            sep_pix /= pixel_size
     exposure_data = _exposure_array(result, exposure, shape)
     wrap = is_allsky(wcs, shape)
-    margin = 0 if psf_pix is None else math.ceil(peaks.PSF_WINDOW * psf_pix) + 1
+    max_extension = MAX_EXTENSION_PER_SIGMA * psf_pix
+    half = math.ceil(4 * math.hypot(psf_pix, max_extension))
+    margin = half + 2
 
     support_2d = np.asarray(dask.compute(_data(result, "support").any(axis=0))[0], dtype=bool)
     labels, n = core.label(support_2d, wrap_x=wrap)
@@ -330,145 +335,185 @@ def find_sources(
     else:
         cutouts = tuple(lazy)
 
-    found: list[tuple[int, tuple[int, int, int, int], peaks.IslandSources]] = []
+    seeds, windows = [], []
     for label, (box, cut) in enumerate(zip(boxes, cutouts, strict=True), start=1):
+        cut = {k: np.asarray(v, dtype=np.float64) for k, v in cut.items()}
         mask = _take(labels, box, shape[1]) == label
         sources = peaks.island_sources(
             mask,
-            np.asarray(cut["model"], dtype=np.float64),
-            np.asarray(cut["transform_3d"], dtype=np.float64),
-            np.asarray(cut["error"], dtype=np.float64),
-            np.asarray(cut["counts"], dtype=np.float64),
-            np.asarray(cut["background"], dtype=np.float64),
-            np.asarray(cut["approx"], dtype=np.float64),
-            np.asarray(cut["exposure"], dtype=np.float64) if "exposure" in cut else None,
+            cut["model"],
+            cut["transform_3d"],
+            cut["error"],
+            cut["counts"],
+            cut["background"],
+            cut["approx"],
+            None,
             kernels.wavelets,
-            min_significance=float(min_significance),
+            min_significance=float(min_significance) - SEED_MARGIN,
             deblend=bool(deblend),
             contrast=float(contrast),
-            min_separation=float(min_separation),
-            approx_in_null=bool(approx_in_null),
+            min_separation=float(sep_pix),
             psf_sigma=psf_pix,
         )
-        if sources.x.size:
-            found.append((label, box, sources))
+        for i in range(sources.x.size):
+            seeds.append((label, box, sources, i))
+            windows.append(_window(cut, box, sources.x[i], sources.y[i], half))
 
-    table = _assemble(found, wcs, shape, kernels)
+    table = _refined_table(
+        seeds,
+        windows,
+        psf_pix,
+        sep_pix,
+        max_extension,
+        (fit_extension, fit_background),
+        wrap,
+        shape,
+        wcs,
+        kernels,
+        float(min_significance),
+    )
     table.meta.update(
         {
             "FRAME": _frame(wcs),
             "MINSIG": float(min_significance),
             "DEBLEND": bool(deblend),
             "CONTRAST": float(contrast),
-            "MINSEP": float(min_separation),
+            "MINSEP": float(sep_pix * pixel_size),  # deg
             "NSCALE": kernels.n_scale,
             "MINSCALE": kernels.min_scale,
             "STEPSCAL": kernels.step_scale,
             "PIXSIZE": pixel_size,
-            "PSFSIGMA": 0.0 if psf_pix is None else psf_pix * pixel_size,  # deg; 0: none
-            "NULL": "B+A" if approx_in_null else "B",
+            "PSFSIGMA": float(psf_pix * pixel_size),  # deg
+            "PSFFROM": psf_from,
+            "FITEXT": bool(fit_extension),
+            "FITBKG": bool(fit_background),
+            "TSEXT": EXTENDED_TS,
             "NISLAND": int(n),
+            "NCAND": len(seeds),
         }
     )
     if len(table) == 0:
         warnings.warn(
-            f"no sources found: {n} support islands, no component with a significance of at "
-            f"least {min_significance:g}",
+            f"no sources found: {n} support islands, {len(seeds)} candidates, none with a "
+            f"significance of at least {min_significance:g}",
             UserWarning,
             stacklevel=2,
         )
     return table
 
 
+def _window(
+    cut: dict[str, np.ndarray], box: tuple[int, int, int, int], x: float, y: float, half: int
+) -> tuple[np.ndarray, ...]:
+    """(counts, background, exposure or None, valid, origin) of the window of side
+    ``2 half + 1`` centred on the pixel nearest (x, y) (cut-out frame); pixels outside the
+    cut-out (outside the map) are not valid."""
+    cy, cx = round(y), round(x)
+    ny, nx = cut["counts"].shape
+    size = 2 * half + 1
+    y0, x0 = cy - half, cx - half
+    sy = slice(max(0, y0), min(ny, y0 + size))
+    sx = slice(max(0, x0), min(nx, x0 + size))
+    ty = slice(sy.start - y0, sy.stop - y0)
+    tx = slice(sx.start - x0, sx.stop - x0)
+    out = []
+    for name in ("counts", "background", "exposure"):
+        if name not in cut:
+            out.append(None)
+            continue
+        w = np.zeros((size, size))
+        w[ty, tx] = cut[name][sy, sx]
+        out.append(w)
+    valid = np.zeros((size, size), dtype=bool)
+    valid[ty, tx] = True
+    origin = np.array([box[0] + y0, box[2] + x0], dtype=np.float64)
+    return (*out, valid, origin)
+
+
+def _refined_table(
+    seeds,
+    windows,
+    psf_pix,
+    sep_pix,
+    max_extension,
+    fits,
+    wrap,
+    shape,
+    wcs,
+    kernels,
+    min_significance,
+) -> QTable:
+    fit_extension, fit_background = fits
+    frame = _frame(wcs)
+    if not seeds:
+        return empty_table(frame)
+    counts, background, exposure, valid, origin = (list(v) for v in zip(*windows, strict=True))
+    wins = Windows(
+        counts=np.stack(counts),
+        background=np.stack(background),
+        exposure=None if exposure[0] is None else np.stack(exposure),
+        valid=np.stack(valid),
+        origin=np.stack(origin),
+    )
+    start = np.array(
+        [
+            (
+                max(s.source_counts[i], 1.0),
+                s.x[i] + box[2],
+                s.y[i] + box[0],
+            )
+            for _, box, s, i in seeds
+        ]
+    )
+    fit = refine(
+        wins,
+        start,
+        psf_pix,
+        min_separation=sep_pix,
+        max_extension=max_extension,
+        fit_extension=fit_extension,
+        fit_background=fit_background,
+        period=shape[1] if wrap else None,
+    )
+    keep = fit.keep & (np.sqrt(fit.ts) >= min_significance) & np.isfinite(fit.x_err)
+    sel = np.flatnonzero(keep)
+
+    def seed_column(field: str) -> np.ndarray:
+        return np.array([getattr(seeds[i][2], field)[seeds[i][3]] for i in sel])
+
+    x = fit.x[sel]
+    x = np.where((x < -0.5) | (x >= shape[1] - 0.5), (x + 0.5) % shape[1] - 0.5, x)
+    values = {
+        "island": np.array([seeds[i][0] for i in sel]),
+        "x": x,
+        "y": fit.y[sel],
+        "x_err": fit.x_err[sel],
+        "y_err": fit.y_err[sel],
+        "source_counts": fit.counts[sel],
+        "source_counts_err": fit.counts_err[sel],
+        "exposure": fit.exposure[sel],
+        "ts": fit.ts[sel],
+        "extension": fit.extension[sel],
+        "extension_err": fit.extension_err[sel],
+        "ts_ext": fit.ts_ext[sel],
+        "extended": fit.extended[sel],
+        "peak_significance": seed_column("peak_significance") if sel.size else np.zeros(0),
+        "peak_scale": (
+            kernels.scales[seed_column("peak_scale").astype(int)] if sel.size else np.zeros(0)
+        ),
+        "npix": seed_column("npix") if sel.size else np.zeros(0),
+        "model_counts": seed_column("model_counts") if sel.size else np.zeros(0),
+        "counts": seed_column("counts") if sel.size else np.zeros(0),
+        "background": seed_column("background") if sel.size else np.zeros(0),
+    }
+    return assemble_table(values, wcs, frame)
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
-def _psf_pixels(psf_sigma: Any, pixel_size: float) -> float | None:
-    """``psf_sigma`` in pixels (a plain number already is; an angle is divided by the pixel
-    size in deg)."""
-    if psf_sigma is None:
-        return None
-    if isinstance(psf_sigma, u.Quantity):
-        try:
-            value = psf_sigma.to_value(u.deg) / pixel_size
-        except u.UnitsError:
-            raise InputError(f"psf_sigma must be an angle or pixels, got {psf_sigma!r}") from None
-    else:
-        value = psf_sigma
-    if not _is_real(value) or not (np.isfinite(value) and value > 0):
-        raise ParameterError(f"psf_sigma must be a positive number, got {psf_sigma!r}")
-    return float(value)
 
 
 def _frame(wcs: Any) -> str:
     from astropy.wcs.utils import wcs_to_celestial_frame
 
     return str(wcs_to_celestial_frame(wcs).name)
-
-
-def _assemble(
-    found: list[tuple[int, tuple[int, int, int, int], peaks.IslandSources]],
-    wcs: Any,
-    shape: tuple[int, int],
-    kernels: CWTKernels,
-) -> Table:
-    """The catalog table from the per-island results (cut-out frames shifted to the map)."""
-    table = _empty_table()
-    if not found:
-        return table
-    fields = peaks.IslandSources._fields[:-1]
-    cols = {f: np.concatenate([s._asdict()[f] for _, _, s in found]) for f in fields}
-    island = np.concatenate([np.full(s.x.size, label) for label, _, s in found])
-    y0 = np.concatenate([np.full(s.x.size, box[0]) for _, box, s in found])
-    x0 = np.concatenate([np.full(s.x.size, box[2]) for _, box, s in found])
-    nx = shape[1]
-    x = cols["x"] + x0
-    # centroids past the seam (all-sky boxes continue across it) come back onto the map
-    x = np.where((x < -0.5) | (x >= nx - 0.5), (x + 0.5) % nx - 0.5, x)
-    y = cols["y"] + y0
-    sx, sy = proj_plane_pixel_scales(wcs)[:2]
-    sky = wcs.pixel_to_world(x, y)
-    sph = sky.spherical
-    icrs = sky.icrs
-    mxx, myy, mxy = (
-        cols["moment_xx"] * sx**2,
-        cols["moment_yy"] * sy**2,
-        cols["moment_xy"] * sx * sy,
-    )
-    half_trace = (mxx + myy) / 2
-    root = np.sqrt(((mxx - myy) / 2) ** 2 + mxy**2)
-    major = np.sqrt(np.maximum(half_trace + root, 0.0))
-    minor = np.sqrt(np.maximum(half_trace - root, 0.0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        flux = cols["source_counts"] / cols["mean_exposure"]
-    values = {
-        "island": island,
-        "x": x,
-        "y": y,
-        "lon": np.asarray(sph.lon.deg, dtype=np.float64),
-        "lat": np.asarray(sph.lat.deg, dtype=np.float64),
-        "ra": np.asarray(icrs.ra.deg, dtype=np.float64),
-        "dec": np.asarray(icrs.dec.deg, dtype=np.float64),
-        "pos_err": np.sqrt((cols["x_var"] * sx**2 + cols["y_var"] * sy**2) / 2),
-        "peak_significance": cols["peak_significance"],
-        "peak_scale": kernels.scales[cols["peak_scale"]],
-        "extent": np.sqrt(np.maximum(half_trace, 0.0)),
-        "extent_major": major,
-        "extent_minor": minor,
-        "npix": cols["npix"],
-        "model_counts": cols["model_counts"],
-        "source_counts": cols["source_counts"],
-        "counts": cols["counts"],
-        "background": cols["background"],
-        "significance": cols["significance"],
-        "flux": np.where(np.isfinite(flux), flux, np.nan),
-    }
-    order = np.lexsort((x, y, -values["significance"]))
-    out = Table()
-    for name, (dtype, unit, description) in CATALOG_COLUMNS.items():
-        data = np.arange(1, order.size + 1) if name == "id" else values[name][order]
-        out[name] = np.asarray(data, dtype=dtype)
-        out[name].unit = unit
-        out[name].description = description
-    return out

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from astropy import units as u
 from astropy.coordinates import SkyCoord
-from astropy.table import Table
+from astropy.table import QTable, Table
 
 from .errors import InputError, StoreError
 from .formats import catalog_format
@@ -78,25 +78,35 @@ def write_catalog(
     )
 
 
-def read_catalog(path: str | os.PathLike[str]) -> Table:
-    """Read a catalog written by `write_catalog` (FITS or ECSV)."""
+def read_catalog(path: str | os.PathLike[str]) -> QTable:
+    """Read a catalog written by `write_catalog` (FITS or ECSV) as a `QTable`: units come
+    back from TUNIT / the ECSV header and ``sky_centroid`` as a `SkyCoord`."""
     path = Path(path)
     fmt = catalog_format(path)
     if fmt == "ds9":
         raise InputError(f"{path} is a region file; read it with regions.Regions.read")
     if not path.is_file():
         raise StoreError(f"no catalog at {path}")
-    return Table.read(path, format="fits" if fmt == "fits" else "ascii.ecsv")
+    return QTable.read(path, format="fits" if fmt == "fits" else "ascii.ecsv")
+
+
+def _degrees(table: Table, name: str) -> np.ndarray:
+    column = table[name]
+    if isinstance(column, u.Quantity):
+        return column.to_value(u.deg)
+    return np.asarray(column, dtype=np.float64)
 
 
 def write_regions(
     table: Table,
     path: str | os.PathLike[str],
     *,
-    radius: str | u.Quantity = "extent",
+    radius: str | u.Quantity = "pos_err_95",
     overwrite: bool = False,
 ) -> Path:
-    """Write the sources as DS9 circles (``regions.CircleSkyRegion``) labelled with their id.
+    """Write the sources as DS9 regions: per source a circle (its 95 % position error by
+    default) labelled with the id, and for every ``extended`` source an ellipse of its fitted
+    extension (semi-axes ``extension``; circular Gaussians, so equal axes).
 
     Parameters
     ----------
@@ -104,40 +114,48 @@ def write_regions(
         Catalog from `find_sources` (needs ``id``, ``lon``, ``lat`` and the radius column).
     path : path
         Output region file.
-    radius : {"extent", "pos_err"} or astropy Quantity
+    radius : {"pos_err_95", "pos_err_68", "pos_err", "extension"} or astropy Quantity
         Circle radius: a catalog column (deg) or one angle for all; radii below half a pixel
         (``meta["PIXSIZE"]``, else 0.001 deg) are raised to it so every circle is visible.
     overwrite : bool
         Replace an existing file (otherwise `StoreError`).
     """
-    from regions import CircleSkyRegion, Regions
+    from regions import CircleSkyRegion, EllipseSkyRegion, Regions
 
+    columns = ("pos_err_95", "pos_err_68", "pos_err", "extension")
     _check_table(table, ("id", "lon", "lat"))
     if isinstance(radius, str):
-        if radius not in ("extent", "pos_err"):
-            raise InputError(f"radius must be 'extent', 'pos_err' or an angle, got {radius!r}")
+        if radius not in columns:
+            raise InputError(f"radius must be one of {columns} or an angle, got {radius!r}")
         _check_table(table, (radius,))
-        radii = np.asarray(table[radius], dtype=np.float64)
+        radii = _degrees(table, radius)
     else:
-        try:
-            value = u.Quantity(radius).to_value(u.deg)
-        except (TypeError, u.UnitsError):
-            raise InputError(f"radius must be an angle, got {radius!r}") from None
-        radii = np.full(len(table), float(value))
+        if not isinstance(radius, u.Quantity) or not radius.unit.is_equivalent(u.deg):
+            raise InputError(f"radius: give an angle, e.g. 0.1 * u.deg (got {radius!r})")
+        radii = np.full(len(table), float(radius.to_value(u.deg)))
     floor = 0.5 * float(table.meta.get("PIXSIZE", 0.002))
     radii = np.where(np.isfinite(radii) & (radii > floor), radii, floor)
     frame = str(table.meta.get("FRAME", "galactic"))
-    centers = SkyCoord(
-        np.asarray(table["lon"], dtype=np.float64) * u.deg,
-        np.asarray(table["lat"], dtype=np.float64) * u.deg,
-        frame=frame,
-    )
-    shapes = Regions(
-        [
-            CircleSkyRegion(center=centers[i], radius=radii[i] * u.deg, meta={"text": str(sid)})
-            for i, sid in enumerate(np.asarray(table["id"]))
-        ]
-    )
+    centers = SkyCoord(_degrees(table, "lon") * u.deg, _degrees(table, "lat") * u.deg, frame=frame)
+    ids = np.asarray(table["id"])
+    shapes = [
+        CircleSkyRegion(center=centers[i], radius=radii[i] * u.deg, meta={"text": str(sid)})
+        for i, sid in enumerate(ids)
+    ]
+    if "extended" in table.colnames and "extension" in table.colnames:
+        extension = _degrees(table, "extension")
+        for i in np.flatnonzero(np.asarray(table["extended"], dtype=bool)):
+            size = 2 * max(float(extension[i]), floor) * u.deg
+            shapes.append(
+                EllipseSkyRegion(
+                    center=centers[i],
+                    width=size,
+                    height=size,
+                    angle=0 * u.deg,
+                    meta={"text": f"{ids[i]} ext"},
+                )
+            )
+    regions = Regions(shapes)
     return _atomic_write(
-        Path(path), overwrite, lambda tmp: shapes.write(str(tmp), format="ds9", overwrite=True)
+        Path(path), overwrite, lambda tmp: regions.write(str(tmp), format="ds9", overwrite=True)
     )

@@ -33,6 +33,9 @@ from .cli_options import (
     log_options,
     map_options,
     output_options,
+    parse_angle,
+    parse_psf,
+    psf_cwt,
     recorded_options,
     resume_options,
     source_kwargs,
@@ -175,12 +178,27 @@ cli.add_command(demo)
     default=None,
     help="Run on a local dask cluster of this many worker processes bound to 127.0.0.1.",
 )
+@click.option(
+    "--psf",
+    default=None,
+    metavar="ANGLE",
+    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 % "
+    "containment radius): sets the kernels by the PSF rule (docs/psf_rule.md), overriding "
+    "--n-scale/--min-scale/--step-scale, and is kept with the result for `cwtflow catalog`.",
+)
 @map_options
 @cwt_options
 @output_options
 @log_options
 @click.pass_context
-def run(ctx: click.Context, maps: Path, out: Path, plot: Path | None, **options: Any) -> None:
+def run(
+    ctx: click.Context,
+    maps: Path,
+    out: Path,
+    plot: Path | None,
+    psf: str | None,
+    **options: Any,
+) -> None:
     """Run the CWT on MAPS (a FITS file with counts and background, or a .zarr of them) and
     write the result.
 
@@ -204,8 +222,9 @@ def run(ctx: click.Context, maps: Path, out: Path, plot: Path | None, **options:
 
         check_output(plot, overwrite=options["overwrite"], hint="--overwrite")
         plot_format(plot)  # a suffix matplotlib can write, refused before any work
-    cwt = build_cwt(options)
     data = load_maps(maps, options)
+    psf = options.pop("psf", psf)  # --resume may take it from the store
+    cwt = build_cwt(options) if psf is None else psf_cwt(parse_psf(psf), data, options)
     record = {**provenance([maps], command_line()), "options": recorded_options(options)}
     on_iteration = (lambda info: _store_provenance(out, record)) if store else None
     state = analyze(cwt, data, options, quiet=quiet, on_iteration=on_iteration)
@@ -309,10 +328,23 @@ def info(result: Path) -> None:
     help="Drop sources below this Poisson likelihood significance.",
 )
 @click.option(
-    "--psf-sigma",
-    type=click.FloatRange(min=0, min_open=True),
+    "--psf",
     default=None,
-    help="Gaussian PSF sigma (deg): test point sources instead of the model's shape.",
+    metavar="ANGLE",
+    help="The instrument's PSF, a Gaussian sigma (e.g. 0.15deg; r68=0.23deg for a 68 % "
+    "containment radius). Default: the PSF `cwtflow run --psf` kept with the result.",
+)
+@click.option(
+    "--fit-extension/--no-fit-extension",
+    default=CATALOG_DEFAULTS["fit_extension"],
+    show_default=True,
+    help="Also fit a Gaussian extension to every source.",
+)
+@click.option(
+    "--fit-background/--fixed-background",
+    default=CATALOG_DEFAULTS["fit_background"],
+    show_default=True,
+    help="Let the background model's normalisation float on each fit window.",
 )
 @click.option(
     "--deblend/--no-deblend",
@@ -329,9 +361,9 @@ def info(result: Path) -> None:
 )
 @click.option(
     "--min-separation",
-    type=click.FloatRange(min=0),
-    default=CATALOG_DEFAULTS["min_separation"],
-    help="Peaks closer than this (pixels) are one source (default: smallest wavelet width).",
+    default=None,
+    metavar="ANGLE",
+    help="Sources closer than this angle (e.g. 0.3deg) are one source (default: 2 PSF sigmas).",
 )
 @click.option(
     "--recompute",
@@ -355,12 +387,11 @@ def catalog(
 
     A .zarr store also keeps the catalog, next to its history (group 'catalog'). Once it does,
     the kept catalog is written out again without recomputing it, unless a catalog option
-    (--min-significance, --psf-sigma, --deblend, --contrast, --min-separation, --maps) is
+    (--min-significance, --psf, --deblend, --contrast, --min-separation, --fit-extension,
+    --fit-background, --maps) is
     given or --recompute: then the sources are found again, and replacing the kept catalog
     needs --overwrite.
     """
-    import astropy.units as units
-
     from .catalog_files import write_catalog, write_regions
     from .io import check_output
     from .provenance import provenance
@@ -405,13 +436,17 @@ def catalog(
                 f"{result} keeps a catalog; {what} would replace it: add --overwrite (or leave "
                 "out the catalog options to write the kept catalog)"
             )
-        psf = options.pop("psf_sigma")
+        psf = options.pop("psf")
+        separation = options.pop("min_separation")
         with logged_warnings():
             table, in_store = catalog_of_result(
                 result,
                 exposure_maps=maps,
                 overwrite=overwrite,
-                psf_sigma=None if psf is None else psf * units.deg,
+                psf=None if psf is None else parse_psf(psf),
+                min_separation=(
+                    None if separation is None else parse_angle(separation, "--min-separation")
+                ),
                 **options,
             )
         source = ""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .defaults import CATALOG_DEFAULTS, CWT_DEFAULTS, KERNEL_DEFAULTS, MAX_N_SCALE, MIN_SCALE
-from .errors import StoreError
+from .errors import InputError, StoreError
 from .formats import result_format
 
 if TYPE_CHECKING:
@@ -36,6 +36,9 @@ __all__ = [
     "make_cwt_options",
     "map_options",
     "output_options",
+    "parse_angle",
+    "parse_psf",
+    "psf_cwt",
     "recorded_options",
     "resume_options",
     "source_kwargs",
@@ -380,6 +383,7 @@ PARAMETER_OPTIONS = {
     "keep_history": "keep_history",
     "wrap_lon": "wrap_lon",
     "dtype": "float32",
+    "psf_sigma_deg": "psf",
 }
 #: Options of ``cwtflow run`` recorded in the store (root attr ``provenance["options"]``) so
 #: that ``--resume`` reads the same input pixels.
@@ -395,6 +399,9 @@ def _flag(name: str) -> str:
 def _comparable(name: str, value: Any) -> Any:
     if name == "float32" and isinstance(value, str):  # the stored dtype
         return value == "float32"
+    if name == "psf" and value is not None:  # stored sigma (deg) or a --psf text
+        sigma = parse_psf(value).sigma.to_value("deg") if isinstance(value, str) else value
+        return f"{float(sigma)!r}deg"
     if name == "wrap_lon" and not isinstance(value, str):
         return {v: k for k, v in _WRAP.items()}[value]
     return list(value) if isinstance(value, tuple | list) else value
@@ -440,3 +447,55 @@ def resume_options(ctx: click.Context, options: dict[str, Any], store: Path) -> 
 def recorded_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The input options of ``cwtflow run`` to record in a store (see `INPUT_OPTIONS`)."""
     return {k: _comparable(k, options.get(k)) for k in INPUT_OPTIONS}
+
+
+# --- the PSF (``run --psf``, ``catalog --psf``; the rule: docs/psf_rule.md) -------------------
+
+
+def parse_angle(text: str, name: str) -> Any:
+    """An angle written with its unit (``0.15deg``, ``9arcmin``); a bare number is refused."""
+    import astropy.units as u
+
+    from .psf import as_angle
+
+    try:
+        value = u.Quantity(text)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: cannot read {text!r} as an angle, e.g. 0.15deg") from None
+    return as_angle(value, name, example="0.15deg")
+
+
+def parse_psf(text: str) -> Any:
+    """``--psf``: a Gaussian sigma (``0.15deg``) or a 68 % containment radius (``r68=0.23deg``)."""
+    from .psf import PSF
+
+    if text.strip().lower().startswith("r68="):
+        return PSF.from_r68(parse_angle(text.split("=", 1)[1], "--psf r68"))
+    return PSF.gaussian(parse_angle(text, "--psf"))
+
+
+def psf_cwt(psf: Any, data: xr.Dataset, options: Mapping[str, Any]) -> CWT:
+    """The estimator of `build_cwt` with the kernels the PSF rule gives for ``data``'s pixels,
+    recording the PSF in the run's parameters."""
+    import astropy.units as u
+    import numpy as np
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    from .engine import CWT
+    from .kernels import CWTKernels
+    from .maps import wcs_from_attrs
+
+    pixel = float(np.mean(proj_plane_pixel_scales(wcs_from_attrs(data.attrs).celestial)))
+    kernels = CWTKernels.from_psf(psf, pixel * u.deg)
+    return CWT(
+        kernels,
+        max_iter=options["max_iter"],
+        tol=options["tol"],
+        significance_threshold=options["threshold"],
+        significance_island_threshold=options["island_threshold"],
+        remove_isolated=options["remove_isolated"],
+        wrap_lon=_WRAP[options["wrap_lon"]],
+        fft_workers=options["fft_workers"],
+        dtype="float32" if options.get("float32") else "float64",
+        psf=psf,
+    )

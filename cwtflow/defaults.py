@@ -30,6 +30,8 @@ CATALOG_DEFAULTS: dict[str, Any] = {
     "deblend": True,
     "contrast": 0.2,
     "min_separation": None,
+    "fit_extension": True,
+    "fit_background": True,
 }
 
 #: Kernel defaults of the command line: the CWT tutorial's (`CWTKernels` itself has none).

@@ -27,6 +27,7 @@ from .maps import (
     validate_maps,
     wcs_from_attrs,
 )
+from .psf import as_psf
 from .state import initial_state, new_state
 from .store_writer import ZarrSink
 from .tiled import TiledStep
@@ -75,6 +76,11 @@ class CWT:
         speeds up the FFTs; its numbers differ from float64 at the 1e-6 relative level, which
         flips the support of pixels whose significance lies that close to the threshold
         (measured in ``benchmarks/bench_throughput.py``).
+    psf : astropy Quantity or cwtflow.psf.PSF, optional
+        The instrument's PSF (a Gaussian sigma as an angle, e.g. ``0.15 * u.deg``). It does not
+        change the iteration: it is recorded in the run's parameters (``psf_sigma_deg``, in
+        result files and stores) so that `cwtflow.find_sources` uses it. Build matching
+        kernels with `CWTKernels.from_psf`.
 
     Attributes
     ----------
@@ -95,6 +101,7 @@ class CWT:
         wrap_lon: bool | None = CWT_DEFAULTS["wrap_lon"],
         fft_workers: int = CWT_DEFAULTS["fft_workers"],
         dtype: str = CWT_DEFAULTS["dtype"],
+        psf: Any = None,
     ) -> None:
         if not isinstance(kernels, CWTKernels):
             raise ParameterError(f"kernels must be a CWTKernels, got {type(kernels).__name__}")
@@ -136,6 +143,7 @@ class CWT:
             wrap_lon=wrap_lon,
             fft_workers=int(fft_workers),
             dtype=_dtype_name(dtype),
+            psf_sigma_deg=None if psf is None else float(as_psf(psf).sigma.to_value("deg")),
         )
         self.history: list[xr.Dataset] = []
 
@@ -150,6 +158,7 @@ class CWT:
     wrap_lon = property(lambda self: self.settings.wrap_lon)
     fft_workers = property(lambda self: self.settings.fft_workers)
     dtype = property(lambda self: self.settings.dtype)
+    psf_sigma_deg = property(lambda self: self.settings.psf_sigma_deg)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())

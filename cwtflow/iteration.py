@@ -53,6 +53,9 @@ class Settings:
     fft_workers: int = 1
     #: "float64" (the exact path) or "float32" (half the memory and bytes, faster FFTs)
     dtype: str = "float64"
+    #: Gaussian PSF sigma (deg) the run was set up for (``CWT(psf=...)``), or None; it does
+    #: not change the iteration, it lets the catalog find the PSF in the result or store.
+    psf_sigma_deg: float | None = None
 
     def parameters(self) -> dict[str, Any]:
         """All settings that determine the numbers, JSON-ready (kernels included); the
@@ -67,6 +70,7 @@ class Settings:
             "keep_history": self.keep_history,
             "wrap_lon": self.wrap_lon,
             "dtype": self.dtype,
+            "psf_sigma_deg": self.psf_sigma_deg,
         }
 
 

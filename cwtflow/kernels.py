@@ -137,6 +137,17 @@ class CWTKernels:
     approx: np.ndarray = field(init=False, repr=False, compare=False)
     halo: int = field(init=False, repr=False, compare=False)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> CWTKernels:
+        # scales are pixels: an angle here is a mistake that deserves a clear message
+        for value in (*args, *kwargs.values()):
+            if hasattr(value, "unit") and hasattr(value, "to_value"):
+                raise InputError(
+                    f"CWTKernels takes scales in pixels, got {value!r}; for angles use "
+                    "CWTKernels.from_psf(psf, pixel_size), e.g. "
+                    "CWTKernels.from_psf(0.15 * u.deg, 0.1 * u.deg)"
+                )
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         n_scale = integer("n_scale", self.n_scale, low=1, high=MAX_N_SCALE)
         min_scale = number("min_scale", self.min_scale, low=MIN_SCALE)
@@ -186,6 +197,23 @@ class CWTKernels:
     def to_dict(self) -> dict[str, float | int]:
         """The three defining parameters, JSON-ready."""
         return {"n_scale": self.n_scale, "min_scale": self.min_scale, "step_scale": self.step_scale}
+
+    @classmethod
+    def from_psf(cls, psf: Any, pixel_size: Any) -> CWTKernels:
+        """The kernels the PSF rule gives (``docs/psf_rule.md``; `cwtflow.psf.psf_settings`).
+
+        Parameters
+        ----------
+        psf : astropy Quantity or cwtflow.psf.PSF
+            The PSF: a Gaussian sigma as an angle (``0.15 * u.deg``), or a `cwtflow.psf.PSF`
+            (from a sigma, a 68 % containment radius or a radial profile).
+        pixel_size : astropy Quantity
+            The map's pixel size (an angle). The kernels' scales stay in pixels.
+        """
+        from .psf import psf_settings
+
+        settings = psf_settings(psf, pixel_size)
+        return cls(settings["n_scale"], settings["min_scale"], settings["step_scale"])
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> CWTKernels:

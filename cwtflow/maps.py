@@ -451,7 +451,13 @@ def _check_width(width: Any) -> None:
 
 
 def _lat_lon_size(width: Any) -> Any:
-    """Cutout2D wants (ny, nx) = (lat, lon) order; the tutorial gives (lon, lat)."""
+    """Cutout2D wants (ny, nx) = (lat, lon) order; the tutorial gives (lon, lat). Widths must
+    be angles: a bare number (which Cutout2D would read as pixels) is refused."""
+    if not isinstance(width, u.Quantity) or not width.unit.is_equivalent(u.deg):
+        raise InputError(
+            f"width: give an angle, e.g. (20, 10) * u.deg (got {width!r}); the cut-out is "
+            "measured on the sky, not in pixels"
+        )
     if np.ndim(width) == 0:
         return width
     lon, lat = width

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from astropy.table import Table
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.table import QTable, Table
 
 from .catalog import find_sources
 from .errors import InputError, StoreError
@@ -63,13 +65,19 @@ def _write(path: Path, table: Table, *, overwrite: bool) -> None:
         raise StoreError(f"{path} already holds a catalog (use overwrite to replace it)")
     delete_group(path, CATALOG_GROUP)
     columns = {}
+    names = []
     for name in table.colnames:
         column = table[name]
-        attrs = {"description": column.description or ""}
-        if column.unit is not None:
-            attrs["units"] = column.unit.to_string()
-        columns[name] = ("source", np.asarray(column), attrs)
-    ds = xr.Dataset(columns, attrs={"meta": _json_meta(table.meta), "columns": table.colnames})
+        if isinstance(column, SkyCoord):
+            continue  # rebuilt from lon/lat and the frame on reading
+        names.append(name)
+        attrs = {"description": column.info.description or ""}
+        unit = getattr(column, "unit", None)
+        if unit is not None:
+            attrs["units"] = unit.to_string()
+        values = column.value if isinstance(column, u.Quantity) else np.asarray(column)
+        columns[name] = ("source", np.asarray(values), attrs)
+    ds = xr.Dataset(columns, attrs={"meta": _json_meta(table.meta), "columns": names})
     ds.to_zarr(
         str(path),
         group=CATALOG_GROUP,
@@ -82,20 +90,30 @@ def _write(path: Path, table: Table, *, overwrite: bool) -> None:
     seal_group(path, CATALOG_GROUP, {})
 
 
-def read_store_catalog(path: str | os.PathLike[str]) -> Table | None:
-    """The catalog kept in the run store at ``path``, or None when it has none (complete)."""
+def read_store_catalog(path: str | os.PathLike[str]) -> QTable | None:
+    """The catalog kept in the run store at ``path`` as a `QTable` (columns with their units,
+    ``sky_centroid`` rebuilt from ``lon``/``lat`` in ``meta["FRAME"]``), or None when it has
+    none (complete)."""
     path = Path(path).expanduser()
     if not is_complete(open_group(path, CATALOG_GROUP)):
         return None
     digest = check_group(path, CATALOG_GROUP, full=True)  # small: every chunk checked
     ds = open_pinned(path, CATALOG_GROUP, digest).load()
-    table = Table(meta=ds.attrs.get("meta", {}))
+    table = QTable(meta=ds.attrs.get("meta", {}))
     for name in ds.attrs["columns"]:
         var = ds[name]
-        table[name] = var.values
-        table[name].description = var.attrs.get("description") or None
+        values = var.values
         if "units" in var.attrs:
-            table[name].unit = var.attrs["units"]
+            values = u.Quantity(values, var.attrs["units"], dtype=values.dtype)
+        table[name] = values
+        table[name].info.description = var.attrs.get("description") or None
+        if name == "dec" and {"lon", "lat"} <= set(table.colnames):
+            lon, lat = table["lon"], table["lat"]
+            table["sky_centroid"] = SkyCoord(
+                u.Quantity(lon, u.deg),
+                u.Quantity(lat, u.deg),
+                frame=table.meta.get("FRAME", "galactic"),
+            )
     return table
 
 

@@ -113,7 +113,7 @@ def patch_catalog(result: xr.Dataset, patch: Patch, settings: SurveySettings) ->
     ``ra``/``dec`` (`run_patch` adds ``owner``, the core of the position)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no sources found" in an empty patch
-        table = find_sources(result, psf_sigma=settings.psf_sigma * u.deg, **settings.catalog)
+        table = find_sources(result, psf=settings.psf_sigma * u.deg, **settings.catalog)
     coords = SkyCoord(
         np.asarray(table["lon"], dtype=np.float64) * u.deg,
         np.asarray(table["lat"], dtype=np.float64) * u.deg,

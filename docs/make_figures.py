@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 
 import numpy as np
 import xarray as xr
+from astropy import units as u
 from astropy.table import Table
 from matplotlib.figure import Figure
 
@@ -44,7 +45,7 @@ def run() -> tuple[xr.Dataset, Table, Table]:
     result = cwt.analyze(maps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no sources found" cannot happen here
-        catalog = cwtflow.find_sources(result)
+        catalog = cwtflow.find_sources(result, psf=0.2 * u.deg)  # simulate_sky: 2 px of 0.1 deg
     return result, catalog, truth
 
 

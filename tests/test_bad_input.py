@@ -374,9 +374,9 @@ API_CASES: dict[str, tuple[Callable[[dict], object], type[CWTFlowError], str]] =
         "contrast",
     ),
     "catalog psf string": (
-        lambda f: cwtflow.find_sources(f["state"], psf_sigma="2"),
+        lambda f: cwtflow.find_sources(f["state"], psf="2"),
         ParameterError,
-        "psf_sigma",
+        "psf: give an angle",
     ),
     "catalog deblend string": (
         lambda f: cwtflow.find_sources(f["state"], deblend="no"),

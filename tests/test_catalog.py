@@ -4,17 +4,20 @@ the all-sky seam, outputs."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
 import pytest
 from astropy import units as u
-from astropy.table import Table
+from astropy.coordinates import SkyCoord
+from astropy.table import QTable, Table
 from astropy.wcs import WCS
-from regions import CircleSkyRegion, Regions
+from regions import CircleSkyRegion, EllipseSkyRegion, Regions
 
 import cwtflow
 from cwtflow import peaks
+from cwtflow import psf as PSF_MODULE
 from cwtflow.catalog import CATALOG_COLUMNS, find_sources
 from cwtflow.catalog_files import read_catalog, write_catalog
 from cwtflow.errors import InputError, StoreError
@@ -121,8 +124,13 @@ def test_position_variance_is_sigma_over_sqrt_counts_without_background():
 # ------------------------------------------------------------------------------------------
 # detection
 
-
+PSF = 0.15 * u.deg  # 1.5 px on the default 0.1 deg grid
 SOURCES = [(20.3, 15.6, 1.5, 120.0), (70.8, 20.2, 1.5, 90.0), (45.1, 48.7, 2.5, 200.0)]
+
+
+def v(column):
+    """A catalog column's numbers (Quantity or plain)."""
+    return np.asarray(getattr(column, "value", column))
 
 
 @pytest.fixture(scope="module")
@@ -132,55 +140,80 @@ def three_sources():
     return data, run(data)
 
 
+def nearest(table, x0, y0):
+    d = np.hypot(v(table["x"]) - x0, v(table["y"]) - y0)
+    return int(np.argmin(d)), float(d.min())
+
+
 def test_injected_sources_are_found_where_they_are(three_sources):
     data, result = three_sources
-    table = find_sources(result, exposure=data["exposure"])
+    table = find_sources(result, psf=PSF, exposure=data["exposure"])
+    assert isinstance(table, QTable)
     assert len(table) == len(SOURCES)
-    assert table.colnames == list(CATALOG_COLUMNS)
+    assert [c for c in table.colnames if c != "sky_centroid"] == list(CATALOG_COLUMNS)
     assert list(table["id"]) == [1, 2, 3]
-    assert np.all(np.diff(table["significance"]) <= 0)
-    pix = 0.1  # deg per pixel of the default grid
+    assert np.all(np.diff(v(table["ts"])) <= 0)
     for x0, y0, _, _ in SOURCES:
-        d = np.hypot(table["x"] - x0, table["y"] - y0)
-        i = int(np.argmin(d))
-        assert d[i] < 1.0
-        err = table["pos_err"][i] / pix
-        assert abs(table["x"][i] - x0) < 4 * err + 0.1
-        assert abs(table["y"][i] - y0) < 4 * err + 0.1
+        i, d = nearest(table, x0, y0)
+        assert d < 1.0
+        assert abs(v(table["x"])[i] - x0) < 4 * v(table["x_err"])[i] + 0.05
+        assert abs(v(table["y"])[i] - y0) < 4 * v(table["y_err"])[i] + 0.05
         assert table["significance"][i] > 5
     # sky positions follow the map's WCS
     wcs = cwtflow.wcs_from_attrs(result.attrs)
-    lon, lat = wcs.wcs_pix2world(table["x"], table["y"], 0)
-    np.testing.assert_allclose(table["lon"], lon, atol=1e-10)
-    np.testing.assert_allclose(table["lat"], lat, atol=1e-10)
+    lon, lat = wcs.wcs_pix2world(v(table["x"]), v(table["y"]), 0)
+    np.testing.assert_allclose(v(table["lon"]), lon, atol=1e-10)
+    np.testing.assert_allclose(v(table["lat"]), lat, atol=1e-10)
     assert table.meta["FRAME"] == "galactic"
-    assert table["lon"].unit == u.deg and table["flux"].unit == u.Unit("cm-2 s-1")
+    assert isinstance(table["sky_centroid"], SkyCoord)
+    np.testing.assert_allclose(table["sky_centroid"].l.deg, v(table["lon"]), atol=1e-10)
+    np.testing.assert_allclose(table["sky_centroid"].icrs.ra.deg, v(table["ra"]), atol=1e-8)
 
 
-def test_extent_orders_point_and_extended_sources(three_sources):
+def test_every_column_has_its_unit(three_sources):
+    data, result = three_sources
+    table = find_sources(result, psf=PSF, exposure=data["exposure"])
+    for name, (_, unit, _) in CATALOG_COLUMNS.items():
+        if unit is None:
+            assert not isinstance(table[name], u.Quantity), name
+        else:
+            assert table[name].unit == u.Unit(unit), name
+    assert table["flux"].unit == u.Unit("cm-2 s-1")
+    assert table["pos_err_95"].unit == u.deg and table["extension"].unit == u.deg
+    ratio = v(table["pos_err_95"]) / v(table["pos_err_68"])
+    np.testing.assert_allclose(ratio, math.sqrt(-2 * math.log(0.05) / -2 / math.log(0.3173)))
+    assert table["extended"].dtype == bool
+
+
+def test_extension_separates_point_and_extended_sources(three_sources):
     _, result = three_sources
-    table = find_sources(result)
-    extended = np.argmin(np.hypot(table["x"] - 45.1, table["y"] - 48.7))
-    others = [i for i in range(len(table)) if i != extended]
-    assert np.all(table["extent"][extended] > table["extent"][others])
-    assert np.all(table["extent_major"] >= table["extent"])
-    assert np.all(table["extent"] >= table["extent_minor"])
+    table = find_sources(result, psf=PSF)
+    ext, _ = nearest(table, 45.1, 48.7)
+    assert table["extended"][ext]
+    # intrinsic sigma hypot(2.5, 1.5)-1.5 -> 2.0 px = 0.2 deg, within 3 errors
+    err = v(table["extension_err"])[ext]
+    assert abs(v(table["extension"])[ext] - 0.2) < 3 * err + 0.02
+    others = [i for i in range(len(table)) if i != ext]
+    assert not np.any(table["extended"][others])
+    point = find_sources(result, psf=PSF, fit_extension=False)
+    assert not np.any(point["extended"]) and np.all(v(point["extension"]) == 0)
 
 
 def test_flux_with_an_exposure_map(three_sources):
     data, result = three_sources
-    with_exposure = find_sources(result, exposure=data["exposure"])
+    table = find_sources(result, psf=PSF, exposure=data["exposure"])
+    np.testing.assert_allclose(v(table["flux"]), v(table["source_counts"]) / 2.0e10, rtol=1e-9)
     np.testing.assert_allclose(
-        with_exposure["flux"], with_exposure["source_counts"] / 2.0e10, rtol=1e-12
+        v(table["flux_err"]), v(table["source_counts_err"]) / 2.0e10, rtol=1e-9
     )
     for x0, y0, _, total in SOURCES:
-        i = int(np.argmin(np.hypot(with_exposure["x"] - x0, with_exposure["y"] - y0)))
-        # counts inside the support only: a few percent of the wings are outside
-        assert with_exposure["flux"][i] == pytest.approx(total / 2.0e10, rel=0.3)
+        i, _ = nearest(table, x0, y0)
+        err = v(table["source_counts_err"])[i]
+        assert abs(v(table["source_counts"])[i] - total) < 4 * err
     # the result carries the input's exposure and uses it by default; none at all -> NaN
     assert "exposure" in result
-    np.testing.assert_array_equal(find_sources(result)["flux"], with_exposure["flux"])
-    assert np.all(np.isnan(find_sources(result.drop_vars("exposure"))["flux"]))
+    np.testing.assert_array_equal(v(find_sources(result, psf=PSF)["flux"]), v(table["flux"]))
+    assert np.all(np.isnan(v(find_sources(result.drop_vars("exposure"), psf=PSF)["flux"])))
     with pytest.raises(InputError, match="exposure shape"):
         find_sources(result, exposure=np.ones((3, 3)))
     with pytest.raises(InputError, match="negative"):
@@ -190,65 +223,96 @@ def test_flux_with_an_exposure_map(three_sources):
 def test_close_sources_in_one_island_are_deblended():
     pair = [(40.0, 30.0, 1.5, 150.0), (47.0, 30.5, 1.5, 110.0)]
     result = run(sky(pair, seed=5))
-    table = find_sources(result)
+    table = find_sources(result, psf=PSF)
     assert len(table) == 2
     assert table["island"][0] == table["island"][1]  # one support island
-    for x0, y0, _, _ in pair:
-        assert np.min(np.hypot(table["x"] - x0, table["y"] - y0)) < 1.5
-    single = find_sources(result, deblend=False)
+    for x0, y0, _, total in pair:
+        i, d = nearest(table, x0, y0)
+        assert d < 1.0
+        assert abs(v(table["source_counts"])[i] - total) < 4 * v(table["source_counts_err"])[i]
+    single = find_sources(result, psf=PSF, deblend=False, fit_extension=False)
     assert len(single) == 1
-    assert single["source_counts"][0] > max(table["source_counts"])
 
 
 def test_nothing_found_warns_and_returns_the_empty_table():
     result = run(sky([], seed=2))
     with pytest.warns(UserWarning, match="no sources found"):
-        table = find_sources(result, min_significance=50)
+        table = find_sources(result, psf=PSF, min_significance=50)
     assert len(table) == 0
-    assert table.colnames == list(CATALOG_COLUMNS)
+    assert [c for c in table.colnames if c != "sky_centroid"] == list(CATALOG_COLUMNS)
     for name, (dtype, unit, _) in CATALOG_COLUMNS.items():
         assert table[name].dtype == dtype
-        assert table[name].unit == (u.Unit(unit) if unit else None)
+        if unit is not None:
+            assert table[name].unit == u.Unit(unit)
 
 
-@pytest.mark.parametrize("psf_sigma", [None, 1.5])
-def test_dask_chunked_state_gives_the_identical_table(three_sources, psf_sigma):
+def test_the_psf_comes_from_the_argument_the_run_or_the_kernels(three_sources):
     data, result = three_sources
-    expected = find_sources(result, exposure=data["exposure"], psf_sigma=psf_sigma)
+    assert find_sources(result, psf=PSF).meta["PSFFROM"] == "given"
+    assert find_sources(result).meta["PSFFROM"] == "kernels"  # min_scale 1.5 px -> 1.5 px
+    kernels = cwtflow.CWTKernels.from_psf(PSF, 0.1 * u.deg)
+    recorded = cwtflow.CWT(kernels, psf=PSF).analyze(data)
+    assert recorded.attrs["parameters"]["psf_sigma_deg"] == pytest.approx(0.15)
+    table = find_sources(recorded)
+    assert table.meta["PSFFROM"] == "run" and table.meta["PSFSIGMA"] == pytest.approx(0.15)
+    # r68 and a profile give the same Gaussian
+    r68 = PSF_MODULE.PSF.from_r68(PSF * PSF_MODULE.R68_PER_SIGMA)
+    assert r68.sigma.to_value(u.deg) == pytest.approx(0.15)
+    radius = np.linspace(0, 1.0, 2001) * u.deg
+    profile = np.exp(-0.5 * (radius / PSF).to_value("") ** 2)
+    assert PSF_MODULE.PSF.from_profile(radius, profile).sigma.to_value(u.deg) == pytest.approx(
+        0.15, rel=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda d, r: find_sources(r, psf=0.15), "psf: give an angle, e.g. 0.15 * u.deg"),
+        (lambda d, r: find_sources(r, psf=2 * u.s), "psf: give an angle"),
+        (lambda d, r: find_sources(r, psf=-0.1 * u.deg), "positive"),
+        (lambda d, r: find_sources(r, min_separation=3), "min_separation: give an angle"),
+        (lambda d, r: cwtflow.CWT(KERNELS, psf=1.5), "psf: give an angle"),
+        (
+            lambda d, r: cwtflow.CWTKernels.from_psf(0.15 * u.deg, 0.1),
+            "pixel_size: give an angle",
+        ),
+        (lambda d, r: cwtflow.CWTKernels(2, 0.6 * u.deg, 1.3), "from_psf"),
+        (lambda d, r: cwtflow.cutout(d, cwtflow.map_center(d), (2, 1)), "width: give an angle"),
+    ],
+)
+def test_bare_numbers_for_angles_are_refused(three_sources, call, message):
+    data, result = three_sources
+    with pytest.raises(InputError, match=re.escape(message)):
+        call(data, result)
+
+
+def test_kernels_from_the_psf_keep_pixel_scales():
+    kernels = cwtflow.CWTKernels.from_psf(0.15 * u.deg, 0.1 * u.deg)
+    rule = PSF_MODULE.MIN_SCALE_PER_SIGMA
+    assert kernels == cwtflow.CWTKernels(2, rule * 1.5, 2.0)
+    same = cwtflow.CWTKernels.from_psf(9 * u.arcmin, 0.05 * u.deg)
+    assert same.min_scale == pytest.approx(rule * 3)
+
+
+@pytest.mark.parametrize("psf", [None, PSF])
+def test_dask_chunked_state_gives_the_identical_table(three_sources, psf):
+    data, result = three_sources
+    expected = find_sources(result, exposure=data["exposure"], psf=psf)
     lazy = result.chunk({"y": 24, "x": 40, "scale": 1})
     assert lazy["transform_3d"].chunks is not None
-    got = find_sources(
-        lazy, exposure=data["exposure"].chunk({"y": 30, "x": 50}), psf_sigma=psf_sigma
-    )
+    got = find_sources(lazy, exposure=data["exposure"].chunk({"y": 30, "x": 50}), psf=psf)
     assert got.colnames == expected.colnames and len(got) == len(expected)
-    for name in expected.colnames:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-
-
-def test_point_source_likelihood_with_a_psf(three_sources):
-    data, result = three_sources
-    table = find_sources(result, exposure=data["exposure"], psf_sigma=1.5)
-    assert len(table) == len(SOURCES)
-    assert table.meta["PSFSIGMA"] == pytest.approx(0.15)
-    for x0, y0, sigma, total in SOURCES:
-        i = int(np.argmin(np.hypot(table["x"] - x0, table["y"] - y0)))
-        if sigma == 1.5:  # the point sources: the fit recovers their counts
-            assert table["source_counts"][i] == pytest.approx(total, rel=0.25)
-            expected_err = 0.1 * sigma / math.sqrt(total)  # deg, no-background limit
-            assert expected_err < table["pos_err"][i] < 2 * expected_err
-    np.testing.assert_allclose(table["flux"], table["source_counts"] / 2.0e10, rtol=1e-12)
-    # an angle is converted with the pixel size
-    same = find_sources(result, exposure=data["exposure"], psf_sigma=0.15 * u.deg)
-    np.testing.assert_allclose(same["significance"], table["significance"], rtol=1e-9)
-    for bad in (0, -1.0, np.nan, 2 * u.s):
-        with pytest.raises(InputError, match="psf_sigma"):
-            find_sources(result, psf_sigma=bad)
+    for name in CATALOG_COLUMNS:
+        np.testing.assert_array_equal(v(got[name]), v(expected[name]), err_msg=name)
 
 
 def assert_same_catalog(got, expected):
     assert got.colnames == expected.colnames and len(got) == len(expected)
-    for name in expected.colnames:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-9, atol=1e-9, err_msg=name)
+    for name in CATALOG_COLUMNS:
+        np.testing.assert_allclose(
+            v(got[name]), v(expected[name]), rtol=1e-9, atol=1e-9, err_msg=name
+        )
 
 
 @pytest.fixture(scope="module")
@@ -295,20 +359,20 @@ def test_a_source_on_the_allsky_seam_is_one_source():
     counts = np.random.default_rng(4).poisson(rate).astype(float)
     data = cwtflow.make_maps(counts, np.full(shape, 0.3), wcs)
     result = run(data)
-    for psf_sigma in (None, 1.5):  # the likelihood window crosses the seam too
-        table = find_sources(result, psf_sigma=psf_sigma)
+    for psf in (None, 1.5 * u.deg):  # the likelihood window crosses the seam too
+        table = find_sources(result, psf=psf)
         assert len(table) == 1
-        x = table["x"][0]
+        x = v(table["x"])[0]
         assert min(abs(x - 359.6), abs(x + 0.4)) < 0.7
         assert -0.5 <= x < 359.5
-        lon = table["lon"][0]
+        lon = v(table["lon"])[0]
         expected_lon = wcs.wcs_pix2world(-0.4, 16.0, 0)[0] % 360
         assert abs((lon - expected_lon + 180) % 360 - 180) < 0.7
-        assert table["source_counts"][0] == pytest.approx(80, rel=0.35)
+        assert v(table["source_counts"])[0] == pytest.approx(80, rel=0.35)
         # identical through dask chunks that split the map at the seam's neighbours
-        lazy = find_sources(result.chunk({"x": 90}), psf_sigma=psf_sigma)
-        for name in table.colnames:
-            np.testing.assert_array_equal(lazy[name], table[name], err_msg=name)
+        lazy = find_sources(result.chunk({"x": 90}), psf=psf)
+        for name in CATALOG_COLUMNS:
+            np.testing.assert_array_equal(v(lazy[name]), v(table[name]), err_msg=name)
 
 
 def test_bad_input_is_refused_with_a_clear_error(three_sources):
@@ -320,12 +384,12 @@ def test_bad_input_is_refused_with_a_clear_error(three_sources):
     with pytest.raises(InputError, match="contrast"):
         find_sources(result, contrast=1.5)
     with pytest.raises(InputError, match="min_separation"):
-        find_sources(result, min_separation=-1)
+        find_sources(result, min_separation=-1 * u.deg)
     with pytest.raises(InputError, match="do not match"):
         find_sources(result, kernels=cwtflow.CWTKernels(2, 1.0, 2.0))
     bare = result.copy()
     bare.attrs = {"wcs": result.attrs["wcs"]}
-    np.testing.assert_array_equal(find_sources(bare)["x"], find_sources(result)["x"])
+    np.testing.assert_array_equal(v(find_sources(bare)["x"]), v(find_sources(result)["x"]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,13 +399,27 @@ def test_bad_input_is_refused_with_a_clear_error(three_sources):
 @pytest.mark.parametrize("name", ["sources.fits", "sources.fits.gz", "sources.ecsv"])
 def test_catalog_round_trip(tmp_path, three_sources, name):
     data, result = three_sources
-    table = find_sources(result, exposure=data["exposure"])
+    table = find_sources(result, psf=PSF, exposure=data["exposure"])
     path = write_catalog(table, tmp_path / name)
     back = read_catalog(path)
+    assert isinstance(back, QTable)
     assert back.colnames == table.colnames
-    for column in table.colnames:
-        np.testing.assert_array_equal(back[column], table[column], err_msg=column)
-        assert back[column].unit == table[column].unit
+    for column in CATALOG_COLUMNS:
+        np.testing.assert_array_equal(v(back[column]), v(table[column]), err_msg=column)
+        assert getattr(back[column], "unit", None) == getattr(table[column], "unit", None)
+    assert isinstance(back["sky_centroid"], SkyCoord)
+    np.testing.assert_allclose(back["sky_centroid"].l.deg, v(table["lon"]), atol=1e-12)
+    if "fits" in name:  # TUNIT cards
+        from astropy.io import fits
+
+        header = fits.getheader(path, 1)
+        units = {
+            header[f"TTYPE{i}"]: header.get(f"TUNIT{i}")
+            for i in range(1, 200)
+            if f"TTYPE{i}" in header
+        }
+        assert u.Unit(units["flux"]) == u.Unit("cm-2 s-1") and units["pos_err_95"] == "deg"
+        assert units["x"] == "pix" and u.Unit(units["source_counts"]) == u.ct
     assert back.meta["FRAME"] == "galactic"
     assert back.meta["MINSIG"] == table.meta["MINSIG"]
     with pytest.raises(StoreError, match="exists"):
@@ -351,23 +429,33 @@ def test_catalog_round_trip(tmp_path, three_sources, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary files left
 
 
-def test_region_file_round_trip(tmp_path, three_sources):
+def test_region_file_has_95_percent_circles_and_extension_ellipses(tmp_path, three_sources):
     _, result = three_sources
-    table = find_sources(result)
+    table = find_sources(result, psf=PSF)
     path = write_catalog(table, tmp_path / "sources.reg")
     shapes = Regions.read(str(path), format="ds9")
-    assert len(shapes) == len(table)
-    for shape, row in zip(shapes, table, strict=True):
-        assert isinstance(shape, CircleSkyRegion)
+    circles = [s for s in shapes if isinstance(s, CircleSkyRegion)]
+    ellipses = [s for s in shapes if isinstance(s, EllipseSkyRegion)]
+    assert len(circles) == len(table)
+    assert len(ellipses) == int(np.sum(table["extended"])) >= 1
+    for shape, row in zip(circles, table, strict=True):
         center = shape.center.galactic
-        assert center.l.deg == pytest.approx(row["lon"], abs=1e-6)
-        assert center.b.deg == pytest.approx(row["lat"], abs=1e-6)
-        assert shape.radius.to_value(u.deg) == pytest.approx(row["extent"], rel=1e-6)
+        assert center.l.deg == pytest.approx(row["lon"].value, abs=1e-6)
+        assert center.b.deg == pytest.approx(row["lat"].value, abs=1e-6)
+        assert shape.radius.to_value(u.deg) == pytest.approx(
+            max(row["pos_err_95"].value, 0.05), rel=1e-6
+        )
         assert str(shape.meta["text"]) == str(row["id"])
+    ext = table[table["extended"]]
+    for shape, row in zip(ellipses, ext, strict=True):
+        assert shape.width.to_value(u.deg) == pytest.approx(2 * row["extension"].value, rel=1e-6)
     with pytest.raises(StoreError, match="exists"):
         write_catalog(table, path)
     cwtflow.write_regions(table, path, radius=0.2 * u.deg, overwrite=True)
-    assert all(s.radius.to_value(u.deg) == pytest.approx(0.2) for s in Regions.read(str(path)))
+    circles = [s for s in Regions.read(str(path)) if isinstance(s, CircleSkyRegion)]
+    assert all(s.radius.to_value(u.deg) == pytest.approx(0.2) for s in circles)
+    with pytest.raises(InputError, match="radius: give an angle"):
+        cwtflow.write_regions(table, path, radius=0.2, overwrite=True)
 
 
 def test_output_errors(tmp_path, three_sources):
@@ -408,18 +496,42 @@ def test_cli_catalog_from_fits_and_zarr_results(tmp_path, three_sources, stored_
     assert run.stdout.splitlines() == [f"wrote {out} (3 sources)", f"wrote {reg}"]
     expected = find_sources(result, exposure=data["exposure"])
     got = read_catalog(out)
-    for name in expected.colnames:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, err_msg=name)
-    assert len(Regions.read(str(reg), format="ds9")) == 3
+    for name in CATALOG_COLUMNS:
+        np.testing.assert_allclose(v(got[name]), v(expected[name]), rtol=1e-12, err_msg=name)
+    circles = [s for s in Regions.read(str(reg), format="ds9") if isinstance(s, CircleSkyRegion)]
+    assert len(circles) == 3
     # a zarr store carries its exposure; options reach find_sources
     store, _ = stored_run
     ecsv = tmp_path / "sources.ecsv"
-    run = invoke("catalog", store, "-o", ecsv, "--psf-sigma", "0.15", "--min-significance", "6")
+    run = invoke("catalog", store, "-o", ecsv, "--psf", "0.15deg", "--min-significance", "6")
     assert run.exit_code == 0, run.output
-    expected = find_sources(result, exposure=data["exposure"], psf_sigma=1.5, min_significance=6)
+    expected = find_sources(result, exposure=data["exposure"], psf=PSF, min_significance=6)
     got = read_catalog(ecsv)
     assert len(got) == len(expected)
-    np.testing.assert_allclose(got["flux"], expected["flux"], rtol=1e-9)
+    np.testing.assert_allclose(v(got["flux"]), v(expected["flux"]), rtol=1e-9)
+    bare = invoke("catalog", store, "-o", tmp_path / "b.ecsv", "--psf", "0.15", "--overwrite")
+    assert bare.exit_code != 0 and "give an angle" in bare.output
+
+
+def test_cli_run_with_the_psf_only_then_catalog(tmp_path, three_sources):
+    data, _ = three_sources
+    maps = cwtflow.write_maps(data, tmp_path / "maps.fits")
+    store = tmp_path / "run.zarr"
+    done = invoke("run", maps, "--out", store, "--psf", "0.15deg", "-q")
+    assert done.exit_code == 0, done.output
+    params = cwtflow.open_history(store).parameters
+    assert params["psf_sigma_deg"] == pytest.approx(0.15)
+    expected = (2, PSF_MODULE.MIN_SCALE_PER_SIGMA * 1.5, 2.0)
+    assert (params["n_scale"], params["min_scale"], params["step_scale"]) == expected
+    out = tmp_path / "sources.ecsv"
+    done = invoke("catalog", store, "--out", out)
+    assert done.exit_code == 0, done.output
+    table = read_catalog(out)
+    assert table.meta["PSFFROM"] == "run" and len(table) == 3
+    r68 = invoke("run", maps, "--out", tmp_path / "r.fits", "--psf", "r68=0.2273deg", "-q")
+    assert r68.exit_code == 0, r68.output
+    bare = invoke("run", maps, "--out", tmp_path / "b.fits", "--psf", "0.15")
+    assert bare.exit_code != 0 and "give an angle" in bare.output
 
 
 def test_cli_catalog_refusals_write_nothing(tmp_path, three_sources):
@@ -455,4 +567,4 @@ def test_cli_catalog_with_nothing_found_warns_and_writes_the_empty_catalog(tmp_p
     assert run_.exit_code == 0, run_.output
     assert run_.stderr.startswith("cwtflow: warning: no sources found")
     assert run_.stdout.strip() == f"wrote {out} (0 sources)"
-    assert read_catalog(out).colnames == list(CATALOG_COLUMNS)
+    assert [c for c in read_catalog(out).colnames if c != "sky_centroid"] == list(CATALOG_COLUMNS)

@@ -20,7 +20,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 #: Notebooks the README describes; each must exist.
-EXPECTED = {"tutorial", "history", "survey", "fullsky"}
+EXPECTED = {"tutorial", "history", "survey", "fullsky", "catalog"}
 CELL_TIMEOUT = 300  # seconds per cell; the notebooks themselves take well under 2 minutes
 
 

@@ -5,7 +5,8 @@ import warnings
 import numpy as np
 import pytest
 import zarr
-from astropy.table import Table
+from astropy.coordinates import SkyCoord
+from astropy.table import QTable, Table
 from click.testing import CliRunner
 
 import cwtflow
@@ -25,15 +26,23 @@ def run(tmp_path_factory):
 def _same(a, b):
     assert a.colnames == b.colnames
     for name in a.colnames:
-        np.testing.assert_array_equal(a[name], b[name])
-        assert a[name].unit == b[name].unit
+        if isinstance(a[name], SkyCoord):
+            assert isinstance(b[name], SkyCoord)
+            np.testing.assert_allclose(a[name].l.deg, b[name].l.deg, atol=1e-12)
+            np.testing.assert_allclose(a[name].b.deg, b[name].b.deg, atol=1e-12)
+            continue
+        assert getattr(a[name], "unit", None) == getattr(b[name], "unit", None), name
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
 
 
 def test_round_trip_and_plain_zarr(run, tmp_path):
     path, table = run
     assert len(table) > 0
     write_store_catalog(path, table, overwrite=True)
-    _same(read_store_catalog(path), table)
+    back = read_store_catalog(path)
+    assert isinstance(back, QTable)
+    _same(back, table)
+    assert back["flux"].unit == "cm-2 s-1" and back["pos_err_95"].unit == "deg"
     group = zarr.open_group(str(path), path="catalog", mode="r")
     assert group.attrs["cwtflow_complete"] is True
     assert group["lon"].metadata.dimension_names == ("source",)
