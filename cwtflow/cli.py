@@ -247,6 +247,7 @@ def _store_provenance(path: Path, record: dict[str, Any]) -> None:
     import zarr
 
     from .store import json_value
+    from .store_integrity import update_root
     from .store_meta import consolidate
 
     root = zarr.open_group(str(path), mode="r+")
@@ -255,8 +256,8 @@ def _store_provenance(path: Path, record: dict[str, Any]) -> None:
         previous = [*old.get("earlier", []), {k: old.get(k) for k in ("date", "command")}]
         record["earlier"] = previous
     record.setdefault("earlier", [])
-    if old != json_value(record):
-        root.attrs.update({"provenance": json_value(record)})
+    if old != json_value(record):  # through the store's root digest (cwtflow.store_integrity)
+        update_root(path, {"provenance": json_value(record)})
     consolidate(path)
 
 

@@ -195,6 +195,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert_refused(invoke(*args), tmp_path, before, "output file exists", "--overwrite")
 
 
+@pytest.mark.slow
 def test_demo_out_folder_and_refusals(tmp_path):
     folder = tmp_path / "a" / "b"
     small = ["--size", "40", "50", "--n-sources", "1", "--max-iter", "1", "-q", *KERNEL_ARGS]

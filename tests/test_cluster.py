@@ -409,6 +409,7 @@ def test_client_must_be_a_client(small_sky: xr.Dataset) -> None:
 # --- faults -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sink", ["memory", "store"])
 def test_worker_killed_mid_iteration(
     sink: str,
@@ -495,6 +496,7 @@ def _wait_driver_gone(client: Client, clients: set[str], timeout: float = 60) ->
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_driver_killed_and_resumed_against_cluster(
     client: Client,
     cluster: LocalCluster,
@@ -551,6 +553,7 @@ def test_driver_killed_and_resumed_against_cluster(
 # --- cluster/local recipe -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_recipe_script(
     tmp_path: Path, small_sky: xr.Dataset, small_expected: xr.Dataset
 ) -> None:
@@ -612,6 +615,7 @@ def _flat(config: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 def test_tls_recipe(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
     made = subprocess.run(
@@ -651,6 +655,7 @@ def test_tls_recipe(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("system", "directive"), [("slurm", "#SBATCH --cpus-per-task=32"), ("pbs", "#PBS -l select=1")]
 )
+@pytest.mark.slow
 def test_hpc_launcher_job_script(system: str, directive: str, tmp_path: Path) -> None:
     pytest.importorskip("dask_jobqueue", reason="dask-jobqueue (test extra) is not installed")
     launcher = REPO / "cluster" / "hpc" / "launch.py"

@@ -189,6 +189,7 @@ def test_little_empty_margin(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.slow
 def test_nothing_overlaps(kind):
     fig = plot_images(_sky(SHAPES[kind]))
     fig.canvas.draw()
@@ -234,6 +235,7 @@ def _tick_label_boxes(coord, renderer):
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.slow
 def test_sky_tick_labels_keep_clear(kind):
     fig = plot_images(_sky(SHAPES[kind]))
     fig.canvas.draw()

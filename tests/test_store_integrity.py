@@ -160,6 +160,7 @@ def test_tampering_detected_by_reader(tampered):
 
 
 @pytest.mark.parametrize("tampered", list(TAMPERING), indirect=True)
+@pytest.mark.slow
 def test_tampering_detected_by_resume(tampered, maps):
     path, message = tampered
     with pytest.raises(StoreError, match=message):
@@ -168,6 +169,7 @@ def test_tampering_detected_by_resume(tampered, maps):
 
 
 @pytest.mark.parametrize("tampered", list(TAMPERING), indirect=True)
+@pytest.mark.slow
 def test_tampering_detected_by_verify(tampered):
     path, message = tampered
     result = CliRunner().invoke(cli, ["verify", str(path)])
