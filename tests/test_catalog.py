@@ -513,6 +513,7 @@ def test_cli_catalog_from_fits_and_zarr_results(tmp_path, three_sources, stored_
     assert bare.exit_code != 0 and "give an angle" in bare.output
 
 
+@pytest.mark.slow
 def test_cli_run_with_the_psf_only_then_catalog(tmp_path, three_sources):
     data, _ = three_sources
     maps = cwtflow.write_maps(data, tmp_path / "maps.fits")

@@ -65,6 +65,7 @@ def test_run_writes_what_the_api_computes(tmp_path, maps_file):
     xr.testing.assert_identical(read_state(out), expected)
 
 
+@pytest.mark.slow
 def test_run_cutout_plot_quiet_and_overwrite(tmp_path, maps_file):
     out, png = tmp_path / "cut.fits.gz", tmp_path / "cut.png"
     args = ["run", maps_file, "-o", out, *KERNEL_ARGS, "--max-iter", "2"]
@@ -173,6 +174,7 @@ def test_info_prints_the_tables(tmp_path, maps_file):
     assert_refused(invoke("info", tmp_path / "nope.fits"), tmp_path, before, "file not found")
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["demo", "--size", "60", "90", "--n-sources", "3", "--seed", "7", "--max-iter", "3"]

@@ -44,6 +44,7 @@ def maps_file(tmp_path) -> Path:
     return write_maps(cwtflow.make_maps(counts, background), tmp_path / "maps.fits")
 
 
+@pytest.mark.slow
 def test_keep_history_keeps_every_iteration(tmp_path, maps_file):
     store = tmp_path / "run.zarr"
     args = ["run", maps_file, *KERNELS, "--max-iter", "3", "--tol", "0", "-q"]
@@ -214,6 +215,7 @@ def test_quiet_and_verbose_before_or_after_the_command(tmp_path, maps_file):
     assert loud.stdout.startswith("wrote ")
 
 
+@pytest.mark.slow
 def test_demo_uses_the_settings_of_the_readme_pictures(tmp_path):
     path = Path(__file__).parents[1] / "docs" / "make_figures.py"
     spec = importlib.util.spec_from_file_location("make_figures", path)

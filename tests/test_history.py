@@ -217,6 +217,7 @@ def test_open_history_refuses_non_stores(tmp_path):
 # --- the sink on dask-backed states -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sink_writes_dask_state_in_one_compute(tmp_path, maps, reference):
     """Lazy inputs: store chunks are the tiles, one compute writes an iteration and its
     moments, and the state read back has a graph of loads only (it does not grow with the
@@ -259,6 +260,7 @@ def test_sink_writes_dask_state_in_one_compute(tmp_path, maps, reference):
 # --- existing stores ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_existing_store_needs_resume_or_overwrite(tmp_path, maps, reference):
     path = tmp_path / "run.zarr"
     make_cwt(max_iter=2).analyze(maps, store=path)
@@ -505,6 +507,7 @@ def test_tile_batches_cover_the_map_on_aligned_tile_edges() -> None:
     assert len(tile_batches(((1,) * 16, (1,) * 16), threads=16)) == 4
 
 
+@pytest.mark.slow
 def test_tiled_run_writes_one_batch_of_tiles_per_compute(tmp_path, random_maps):
     """Independent tiles (no island threshold): each computation of an iteration runs the
     convolutions of one batch of tiles only, and the stored result equals the in-memory run."""
@@ -537,6 +540,7 @@ def test_tiled_run_writes_one_batch_of_tiles_per_compute(tmp_path, random_maps):
 # --- tiled runs through the store ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiled_run_through_store(tmp_path, maps, reference, monkeypatch):
     """chunks=: zarr chunks are the tiles, the result equals the in-memory run, and the graph
     handed to the store is the same size every iteration (states are read back from it)."""
@@ -567,6 +571,7 @@ def test_tiled_run_through_store(tmp_path, maps, reference, monkeypatch):
     assert_same_state(resumed, expected, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_cli_run_into_store(tmp_path, maps, reference):
     """``cwtflow run --out run.zarr --chunks NY NX`` writes the tiled history store; --resume
     needs a .zarr output."""

@@ -30,6 +30,7 @@ def _image_axes(fig):
     return [ax for ax in fig.axes if isinstance(ax, WCSAxes)]
 
 
+@pytest.mark.slow
 def test_grid_of_all_images_saved_as_png(tmp_path, state):
     path = tmp_path / "state.png"
     fig = plot_images(state, path, dpi=40)
@@ -77,6 +78,7 @@ def _norm(fig, title):
     return ax.get_images()[0].norm
 
 
+@pytest.mark.slow
 def test_stretch_and_colour_range(state):
     counts = state["counts"].values
     fig = plot_images(state, names=["counts"])

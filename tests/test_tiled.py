@@ -191,6 +191,7 @@ def tiled_runs(draw):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(run=tiled_runs())
+@pytest.mark.slow
 def test_tiled_equals_in_memory_property(run) -> None:
     data = sky(run["seed"], run["shape"], run["sources"], wrap=run["wrap"])
     compare(data, run["chunks"], run["kernels"], **run["options"])
