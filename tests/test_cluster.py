@@ -718,7 +718,20 @@ def test_kubernetes_manifests_fit_together() -> None:
     from cwtflow.cli import run
 
     run.make_context("run", args[2:])  # valid options of the real command line
-    assert args[args.index("--scheduler") + 1] == f"tcp://{name}-scheduler:{ports['tcp-comm']}"
+    address = f"tls://{name}-scheduler:{ports['tcp-comm']}"
+    assert args[args.index("--scheduler") + 1] == address
+    # TLS everywhere: the scheduler listens on tls, workers dial it, every pod mounts the
+    # Secret and gets the same dask TLS settings
+    assert sched_container["args"][2:4] == ["--protocol", "tls"]
+    assert worker_container["args"][2] == address
+    pods = ((scheduler["spec"], sched_container), (worker["spec"], worker_container))
+    for pod, container in (*pods, (driver_pod, driver)):
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
+        assert env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"].startswith("/etc/cwtflow/tls/")
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert secrets["tls"] == "cwtflow-tls" and mounts["tls"] == "/etc/cwtflow/tls"
     assert args[args.index("--out") + 1].startswith("/data/")
     dockerfile = (folder / "Dockerfile").read_text()
     assert "COPY cwtflow ./cwtflow" in dockerfile and "pip install ." in dockerfile
