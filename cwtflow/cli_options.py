@@ -230,9 +230,10 @@ log_options = _apply(
 )
 
 
-def build_cwt(options: Mapping[str, Any]) -> CWT:
+def build_cwt(options: Mapping[str, Any], *, kernels: Any = None, psf: Any = None) -> CWT:
     """The estimator described by the CWT options (``--chunks`` is checked here too, so that
-    every option is refused before any work)."""
+    every option is refused before any work); ``kernels`` replace those of the kernel options,
+    ``psf`` is recorded in the run's parameters."""
     chunks = options.get("chunks")
     if chunks is not None and min(chunks) < MIN_CLI_TILE:
         raise click.UsageError(
@@ -243,7 +244,8 @@ def build_cwt(options: Mapping[str, Any]) -> CWT:
     from .engine import CWT
     from .kernels import CWTKernels
 
-    kernels = CWTKernels(options["n_scale"], options["min_scale"], options["step_scale"])
+    if kernels is None:
+        kernels = CWTKernels(options["n_scale"], options["min_scale"], options["step_scale"])
     return CWT(
         kernels,
         max_iter=options["max_iter"],
@@ -255,6 +257,7 @@ def build_cwt(options: Mapping[str, Any]) -> CWT:
         wrap_lon=_WRAP[options["wrap_lon"]],
         fft_workers=options["fft_workers"],
         dtype="float32" if options.get("float32") else "float64",
+        psf=psf,
     )
 
 
@@ -481,21 +484,8 @@ def psf_cwt(psf: Any, data: xr.Dataset, options: Mapping[str, Any]) -> CWT:
     import numpy as np
     from astropy.wcs.utils import proj_plane_pixel_scales
 
-    from .engine import CWT
     from .kernels import CWTKernels
     from .maps import wcs_from_attrs
 
     pixel = float(np.mean(proj_plane_pixel_scales(wcs_from_attrs(data.attrs).celestial)))
-    kernels = CWTKernels.from_psf(psf, pixel * u.deg)
-    return CWT(
-        kernels,
-        max_iter=options["max_iter"],
-        tol=options["tol"],
-        significance_threshold=options["threshold"],
-        significance_island_threshold=options["island_threshold"],
-        remove_isolated=options["remove_isolated"],
-        wrap_lon=_WRAP[options["wrap_lon"]],
-        fft_workers=options["fft_workers"],
-        dtype="float32" if options.get("float32") else "float64",
-        psf=psf,
-    )
+    return build_cwt(options, kernels=CWTKernels.from_psf(psf, pixel * u.deg), psf=psf)

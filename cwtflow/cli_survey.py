@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from .defaults import CWT_DEFAULTS
+
 __all__ = ["survey"]
 
 
@@ -68,11 +70,13 @@ def _cluster(options: Mapping[str, Any], *, quiet: bool) -> Iterator[Any]:
 @click.option(
     "--threshold",
     type=float,
-    default=3.0,
+    default=CWT_DEFAULTS["significance_threshold"],
     show_default=True,
     help="Significance threshold of the CWT.",
 )
-@click.option("--max-iter", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--max-iter", type=click.IntRange(min=1), default=CWT_DEFAULTS["max_iter"], show_default=True
+)
 @click.option("--emin", type=float, default=None, help="Energy cut (ENERGY column's unit).")
 @click.option("--emax", type=float, default=None, help="Energy cut (ENERGY column's unit).")
 @click.option("--flux", is_flag=True, help="Ask for fluxes (needs --exposure).")
