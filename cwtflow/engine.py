@@ -287,10 +287,14 @@ class CWT:
             infos: list[IterationInfo] = list(done)
             while len(infos) < self.max_iter and not (infos and infos[-1].converged):
                 k = len(infos) + 1
-                new, moments = step(state)
-                state, moments = sink.write(
-                    k, new, moments, independent_tiles=step.independent_tiles
-                )
+                # a store already holds the previous state: one task per tile reads its
+                # windows, computes and writes (`ZarrSink.write_tiles`), when tiles are local
+                work = step.tile_work() if isinstance(sink, ZarrSink) else None
+                if work is None:
+                    new, moments = step(state)
+                    state, moments = sink.write(k, new, moments)
+                else:
+                    state, moments = sink.write_tiles(k, state, work)
                 variance, support_size = core.combine_moments(moments)
                 previous = infos[-1].residual_variance if infos else None
                 info = self._info(k, variance, previous, support_size)
@@ -460,8 +464,9 @@ class _InMemoryStep:
         self.const = core.image_spectra(self.counts, self.background, shape=grid, workers=workers)
         self.approx_bkg = core.convolve_approx(self.background, self.spectra, workers=workers)
 
-    #: the whole map is one numpy array: no tiles to compute apart
-    independent_tiles = None
+    def tile_work(self) -> None:
+        """None: the whole map is one numpy array, there are no tiles to compute apart."""
+        return None
 
     def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, np.ndarray]:
         """The state after one more iteration and its `core.residual_moments`, shape (4,)."""
@@ -525,9 +530,7 @@ class _MemorySink:
             self.history.append(state)
         return state, []
 
-    def write(
-        self, k: int, state: xr.Dataset, moments: Any, *, independent_tiles: Any = None
-    ) -> tuple[xr.Dataset, np.ndarray]:
+    def write(self, k: int, state: xr.Dataset, moments: Any) -> tuple[xr.Dataset, np.ndarray]:
         """Materialise iteration ``k`` and its ``moments`` (`core.residual_moments`, of the
         map or per tile); returns the state to continue from and the moments as numpy."""
         if _is_lazy(state):

@@ -16,17 +16,13 @@ every block of an axis cut in several must hold ``depth`` pixels (`tile_chunks`)
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
-from dask.system import CPU_COUNT
 from dask.utils import apply, funcname
 
 __all__ = [
@@ -35,8 +31,8 @@ __all__ = [
     "overlapped_tiles",
     "pieces",
     "run_tile",
-    "tile_batches",
     "tile_chunks",
+    "window",
 ]
 
 
@@ -192,35 +188,34 @@ def overlapped_tiles(
     return da.Array(graph, name, chunks, dtype=result_dtype, meta=meta.astype(result_dtype))
 
 
-def tile_batches(
-    tiles: tuple[tuple[int, ...], tuple[int, ...]],
-    align: tuple[int, int] = (1, 1),
-    *,
-    threads: int | None = None,
-) -> list[dict[str, slice]]:
-    """Regions of about ``side x side`` tiles covering a map, row by row: the groups of tiles
-    a batched write computes one after the other.
+def window(
+    array: Any, ys: slice, xs: slice, depth: tuple[int, int], periodic_x: bool
+) -> np.ndarray:
+    """Rows ``ys`` and columns ``xs`` of a 2-D ``array`` with ``depth`` pixels around them,
+    read by slicing (a numpy or zarr array): the tile `overlapped_tiles` assembles for that
+    block (zeros beyond the map, periodic along x with ``periodic_x``).
 
-    ``tiles`` are the (y, x) chunks of the tiles; region edges are tile edges that are also
-    multiples of ``align`` (the store's chunks, so that no two regions write one zarr chunk).
-    ``side`` is the smallest integer with ``side**2 >= 4 * threads`` and at least 4 (16 tiles
-    on a 2-core machine): enough tiles to keep every thread busy, few enough that memory holds
-    a fixed number of tiles. ``threads`` defaults to the local scheduler's (dask's
-    ``num_workers`` setting, else the CPU count).
+    For arrays already stored: a tile task reads its own window and no halo pieces travel
+    between tasks. Like `dask.array.overlap`, every block of an axis cut in several must hold
+    ``depth`` pixels (`tile_chunks`); the window is then the same tile.
     """
-    if threads is None:
-        threads = dask.config.get("num_workers", None) or CPU_COUNT
-    side = max(4, math.isqrt(4 * threads - 1) + 1)
-    ys, xs = (_batch_edges(axis, step, side) for axis, step in zip(tiles, align, strict=True))
-    return [
-        {"y": slice(y0, y1), "x": slice(x0, x1)}
-        for y0, y1 in itertools.pairwise(ys)
-        for x0, x1 in itertools.pairwise(xs)
-    ]
-
-
-def _batch_edges(chunks: tuple[int, ...], align: int, side: int) -> list[int]:
-    """Every ``side``-th tile edge along one axis that is a multiple of ``align``, with the
-    axis ends."""
-    edges = [int(e) for e in np.cumsum(chunks)[:-1] if e % align == 0]
-    return [0, *edges[side - 1 :: side], int(sum(chunks))]
+    dy, dx = depth
+    ny, nx = array.shape
+    y0, y1, x0, x1 = ys.start - dy, ys.stop + dy, xs.start - dx, xs.stop + dx
+    out = np.zeros((y1 - y0, x1 - x0), dtype=array.dtype)
+    rows = slice(max(y0, 0), min(y1, ny))
+    if rows.start >= rows.stop:
+        return out
+    # (first column of the map, first column of the window, width) of each contiguous read
+    reads = [(max(x0, 0), max(x0, 0) - x0, min(x1, nx) - max(x0, 0))]
+    if periodic_x:
+        if x0 < 0:
+            reads.append((x0 + nx, 0, -x0))
+        if x1 > nx:
+            reads.append((0, nx - x0, x1 - nx))
+    for first, at, width in reads:
+        if width > 0:
+            out[rows.start - y0 : rows.stop - y0, at : at + width] = array[
+                rows, first : first + width
+            ]
+    return out

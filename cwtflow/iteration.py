@@ -153,11 +153,13 @@ class Step(Protocol):
     4)), merged by `cwtflow.core.combine_moments`.
     """
 
-    #: (y, x) chunks of tiles of a new state that can be computed (and stored) each on its
-    #: own, or None when the iteration is one whole (whole map, or a global labelling step).
-    independent_tiles: tuple[tuple[int, ...], tuple[int, ...]] | None
-
     def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, Any]: ...
+
+    def tile_work(self) -> Any:
+        """The next iteration as one function per tile (`cwtflow.tiled.TileWork`) for a sink
+        that holds the previous state and runs it tile by tile, or None (whole map, or a
+        global labelling step); taking it counts as taking the step."""
+        ...
 
 
 class Sink(Protocol):
@@ -178,8 +180,6 @@ class Sink(Protocol):
         k: int,
         state: xr.Dataset,
         moments: Any,
-        *,
-        independent_tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ) -> tuple[xr.Dataset, np.ndarray]:
         """Materialise iteration ``k``; the state to continue from and the moments (numpy)."""
         ...

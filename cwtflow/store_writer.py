@@ -9,9 +9,11 @@ lists the statistics of every iteration.
 
 Each iteration's state is read back lazily from the store, so the dask graph of the next
 iteration starts from stored chunks and does not grow with the number of iterations; the
-residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the write. A
-tiled iteration whose tiles are independent is written in batches of tiles (`tile_batches`),
-each its own computation, so that peak memory is set by the tile size, not by the map size.
+residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the write.
+
+A tiled iteration whose tiles are independent (`cwtflow.tiled.TileWork`, no island threshold) is
+written by `ZarrSink.write_tiles`: the group's metadata here, then one task per tile
+(`cwtflow.store_tiles`).
 
 Resuming checks that the store was written by this cwtflow version and format, with the same
 parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and the
@@ -32,10 +34,8 @@ import numpy as np
 import xarray as xr
 import zarr
 from astropy.wcs import WCSCOMPARE_ANCILLARY
-from dask.base import get_scheduler
 
 from .errors import InputError, StoreError
-from .halo import tile_batches
 from .iteration import IterationInfo, Settings
 from .maps import grid_coords, raise_pixel_errors, wcs_from_attrs
 from .state import STATE_VARS, VARIABLES, initial_state
@@ -75,6 +75,8 @@ from .store_integrity import (
 )
 from .store_lock import LOCK_NAME, StoreLock
 from .store_meta import consolidate
+from .store_tiles import compute_tiles
+from .tiled import TileWork
 from .version import __version__
 
 __all__ = ["ZarrSink"]
@@ -235,30 +237,34 @@ class ZarrSink:
         consolidate(self.path)
         return self._open_state(0), []
 
-    def write(
-        self,
-        k: int,
-        state: xr.Dataset,
-        moments: Any,
-        *,
-        independent_tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-    ) -> tuple[xr.Dataset, np.ndarray]:
-        """Store iteration ``k`` (not yet complete) and compute its ``moments``.
+    def write(self, k: int, state: xr.Dataset, moments: Any) -> tuple[xr.Dataset, np.ndarray]:
+        """Store iteration ``k`` (not yet complete) and compute its ``moments`` with the write.
 
         ``moments``: `cwtflow.core.residual_moments` of the map, or a dask array of them per
-        tile (n_tiles_y, n_tiles_x, 4). ``independent_tiles``: (y, x) chunks of these tiles
-        when each is computable on its own (`cwtflow.tiled.TiledStep.independent_tiles`); the
-        state is then computed and written in groups of tiles (`tile_batches`) one after the
-        other, unless a distributed scheduler runs the computation.
-
-        Returns the state read back from the store and the moments as numpy.
+        tile (n_tiles_y, n_tiles_x, 4). Returns the state read back from the store and the
+        moments as numpy.
         """
-        name = group_name(k)
-        if is_complete(open_group(self.path, name)):
-            raise StoreError(f"{self.path}: iteration {k} is already complete; not overwriting it")
-        delete_group(self.path, name)
-        tiles = None if _distributed() else independent_tiles
-        moments = self._write_group(k, state, moments, tiles=tiles)
+        self._new_group(k)
+        moments = self._write_group(k, state, moments)
+        return self._open_state(k), moments
+
+    def write_tiles(
+        self, k: int, state: xr.Dataset, work: TileWork
+    ) -> tuple[xr.Dataset, np.ndarray]:
+        """Store iteration ``k`` (not yet complete) computed from ``state`` (the previous
+        iteration, as read back from this store) by ``work``, one task per tile.
+
+        Returns the state read back from the store and the moments per tile
+        (n_tiles_y, n_tiles_x, 4), as `write` does.
+        """
+        previous = group_name(k - 1)
+        done = is_complete(open_group(self.path, previous))
+        if state.attrs.get("iteration") != k - 1 or not done:
+            raise StoreError(f"{self.path}: iteration {k - 1} is not the complete state given")
+        self._new_group(k)
+        ds, target = self._group_dataset(k, state)
+        ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+        moments = compute_tiles(str(self.path), previous, group_name(k), work)
         return self._open_state(k), moments
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
@@ -380,23 +386,16 @@ class ZarrSink:
         self._lock.check()
         seal_group(self.path, "inputs", {"checksums": checksums})
 
-    def _write_group(
-        self,
-        k: int,
-        state: xr.Dataset,
-        moments: Any = None,
-        *,
-        tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-    ) -> np.ndarray | None:
-        """Write the non-input variables of ``state`` as group ``k``; returns ``moments``
-        computed with the write (numpy).
+    def _new_group(self, k: int) -> None:
+        """Clear the place of iteration ``k``; refuse to overwrite a complete one."""
+        name = group_name(k)
+        if is_complete(open_group(self.path, name)):
+            raise StoreError(f"{self.path}: iteration {k} is already complete; not overwriting it")
+        delete_group(self.path, name)
 
-        With ``tiles`` ((y, x) chunks of independent tiles, the chunks of a dask ``moments``):
-        create the group, then compute and write it one group of tiles (`tile_batches`) at a
-        time with those tiles' moments, so that memory holds the tiles of one batch, not a
-        front of tiles that grows with the map (dask's static ordering of a halo graph reads
-        far ahead).
-        """
+    def _group_dataset(self, k: int, state: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
+        """The variables of group ``k`` from ``state`` on the store's chunks, and the
+        ``to_zarr`` target of the group."""
         ds = state[list(ITERATION_VARS)].drop_vars(
             [c for c in state.coords if c != "scale"], errors="ignore"
         )
@@ -406,24 +405,15 @@ class ZarrSink:
         ds.attrs = {"iteration": k, "wcs": dict(self.data.attrs["wcs"])}
         target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
         target.update(WRITE_OPTIONS)
-        batches = tile_batches(tiles, self.chunks) if tiles is not None else []
-        if len(batches) <= 1:
-            write = ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
-            _, moments = dask.compute(write, moments)
-            return None if moments is None else np.asarray(moments)
-        # metadata, attrs and the in-memory scale coordinate now; the chunks batch by batch
-        ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
-        body = ds.drop_vars(["scale", "lon", "lat"], errors="ignore")
-        edges = [np.cumsum([0, *axis]).tolist() for axis in tiles]
-        out = np.empty(moments.shape)
-        for region in batches:
-            write = body.isel(region).to_zarr(**target, mode="r+", region=region, compute=False)
-            ty, tx = (
-                slice(e.index(region[d].start), e.index(region[d].stop))
-                for e, d in zip(edges, ("y", "x"), strict=True)
-            )
-            _, out[ty, tx] = dask.compute(write, moments[ty, tx])
-        return out
+        return ds, target
+
+    def _write_group(self, k: int, state: xr.Dataset, moments: Any = None) -> np.ndarray | None:
+        """Write the non-input variables of ``state`` as group ``k``; returns ``moments``
+        computed with the write (numpy)."""
+        ds, target = self._group_dataset(k, state)
+        write = ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+        _, moments = dask.compute(write, moments)
+        return None if moments is None else np.asarray(moments)
 
     def _mark(self, k: int, attrs: dict[str, Any]) -> None:
         self._lock.check()
@@ -504,13 +494,6 @@ class ZarrSink:
         for n in names:
             if combine_digests(self.shape, digests[n]) != stored[n]:
                 raise StoreError(f"{path} holds other input maps: '{n}' differs (checksum)")
-
-
-def _distributed() -> bool:
-    """Whether dask computations currently run on a distributed scheduler."""
-    get = get_scheduler()
-    owner = getattr(get, "__self__", None)
-    return type(owner).__module__.startswith("distributed")
 
 
 def _store_chunks(data: xr.Dataset) -> tuple[int, int]:

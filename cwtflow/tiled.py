@@ -15,8 +15,11 @@ state and the per-tile statistics). Per iteration:
    `core.residual_moments` (residual variance and support size merge from them).
 
 Without an island threshold no tile of the new state depends on another tile's result (only on
-its neighbours' inputs): `TiledStep.independent_tiles` gives these tiles, so that a store can
-write the new state a group of tiles at a time.
+its neighbours' inputs), and the whole iteration of a tile is one function of its windows:
+`TiledStep.tile_work` gives it (`TileWork`), so that a store, which already holds the inputs and
+the previous state, runs one task per tile that reads its windows (`cwtflow.halo.window`),
+computes, and writes its part of the new state: no halo pieces, no intermediate arrays and no
+per-variable tasks in the graph. The same functions make both paths' numbers.
 
 ``approx_bkg = conv(B, G)`` is constant: the first call computes it (`core.convolve_approx`
 per tile); later calls take it from the materialised state they are given.
@@ -33,6 +36,7 @@ one set of kernel spectra serves all tiles (`core.kernel_spectra` caches it per 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -48,7 +52,7 @@ from .iteration import Settings
 from .kernels import CWTKernels
 from .state import new_state
 
-__all__ = ["TiledStep"]
+__all__ = ["TileWork", "TiledStep"]
 
 
 def _grid_length(chunks: tuple[int, ...], depth: int, periodic: bool) -> int:
@@ -209,6 +213,68 @@ def _tile_update(model: np.ndarray, support: np.ndarray, transform: np.ndarray) 
     return np.stack([transform_2d, new_model])
 
 
+@dataclass(frozen=True)
+class TileWork:
+    """One iteration of one tile as a single function of its windows (no island threshold).
+
+    ``work(counts, background, model, approx, support, block_id) -> (arrays, moments)``:
+    ``counts`` ... ``approx`` are the tile's windows with ``depth`` pixels of halo
+    (`cwtflow.halo.window`, periodic in x with ``wrap``), ``support`` the previous support of
+    the interior; ``arrays`` holds the interior of every variable of the new state that
+    changes (with ``approx_bkg`` when ``approx_bkg`` is set), ``moments`` its
+    `core.residual_moments`. ``chunks``: the (y, x) tiles; ``block_id``: (i, j) of the tile.
+    Picklable: the kernels travel as their parameters.
+    """
+
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    depth: tuple[int, int]
+    wrap: bool
+    n_scale: int
+    approx_bkg: bool
+    tile_kwargs: dict[str, Any]
+    cleaning: Cleaning
+    ring: tuple[bool, bool]
+
+    def __call__(
+        self,
+        counts: np.ndarray,
+        background: np.ndarray,
+        model: np.ndarray,
+        approx: np.ndarray,
+        support: np.ndarray,
+        block_id: tuple[int, int],
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        n = self.n_scale
+        planes = _tile_iteration(
+            counts,
+            background,
+            model,
+            approx,
+            **self.tile_kwargs,
+            cleaning=self.cleaning,
+            ring=self.ring,
+            n_blocks=(len(self.chunks[0]), len(self.chunks[1])),
+            block_id=(0, *block_id),
+        )
+        dy, dx = self.depth
+        inner = (slice(dy, counts.shape[0] - dy), slice(dx, counts.shape[1] - dx))
+        transform, new_approx = planes[:n], planes[3 * n]
+        support = support | (planes[2 * n : 3 * n] > 0.5)
+        transform_2d, new_model = core.update_model(model[inner], support, transform)
+        arrays = {
+            "model": new_model,
+            "approx": new_approx,
+            "transform_2d": transform_2d,
+            "transform_3d": transform,
+            "error": planes[n : 2 * n],
+            "support": support,
+        }
+        if self.approx_bkg:
+            arrays["approx_bkg"] = _tile_approx(background, **self.tile_kwargs)
+        moments = core.residual_moments(counts[inner], new_model, new_approx, support)
+        return arrays, moments
+
+
 class TiledStep:
     """One CWT iteration on tiles of a dask-backed state (see the module docstring).
 
@@ -256,10 +322,6 @@ class TiledStep:
             tile_chunks(self.chunks[0], depth[0]),
             tile_chunks(self.chunks[1], depth[1]),
         )
-        #: (y, x) chunks of tiles of a new state computable each on its own (from its
-        #: neighbours' inputs, no global step), or None with an island threshold: then any
-        #: group of these tiles can be computed (and stored) alone.
-        self.independent_tiles = self.work_chunks if self.local_clean else None
         split = tuple(len(c) > 1 for c in self.work_chunks)
         #: halo dask adds around each tile, per axis (none on an axis that is one tile).
         self.depth = {ax: depth[ax] if split[ax] else 0 for ax in (0, 1)}
@@ -287,6 +349,25 @@ class TiledStep:
                 "block_id": True,
             }
         self._approx_bkg_known = False
+
+    def tile_work(self) -> TileWork | None:
+        """The next iteration as one function per tile (`TileWork`), or None when the
+        iteration needs a global step (an island threshold). Calling it counts as taking
+        the step: ``approx_bkg`` is computed by the first iteration only."""
+        if not self.local_clean:
+            return None
+        work = TileWork(
+            chunks=self.work_chunks,
+            depth=(self.depth[0], self.depth[1]),
+            wrap=self.wrap,
+            n_scale=self.kernels.n_scale,
+            approx_bkg=not self._approx_bkg_known,
+            tile_kwargs=self._tile_kwargs,
+            cleaning=self._clean_kwargs["cleaning"],
+            ring=self._clean_kwargs["ring"],
+        )
+        self._approx_bkg_known = True
+        return work
 
     def _image(self, array: Any) -> da.Array:
         return da.asarray(array).rechunk(self.work_chunks)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cwtflow import halo
-from cwtflow.halo import overlapped_tiles, tile_chunks
+from cwtflow.halo import overlapped_tiles, tile_chunks, window
 
 
 @given(
@@ -54,6 +54,32 @@ def test_tiles_get_the_halo_of_dask_overlap(chunks, depth, periodic: bool) -> No
         np.testing.assert_array_equal(got[0], want)
         np.testing.assert_array_equal(got[1], 2.0 * want)
         assert (got[2] == i * 10 + j).all()
+
+
+@given(
+    data=st.data(),
+    chunks=st.tuples(
+        st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple),
+        st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple),
+    ),
+    periodic=st.booleans(),
+)
+def test_window_reads_the_tile_of_dask_overlap(data, chunks, periodic: bool) -> None:
+    """A window read from the stored array is the tile `dask.array.overlap` gives the block
+    (any chunking whose blocks hold the depth; zeros beyond the map or periodic in x)."""
+    depth = tuple(data.draw(st.integers(0, min(c))) if len(c) > 1 else 0 for c in chunks)
+    image = np.random.default_rng(len(chunks[0])).normal(size=[sum(c) for c in chunks])
+    expected = da.overlap.overlap(
+        da.from_array(image, chunks=chunks),
+        depth=dict(enumerate(depth)),
+        boundary={0: 0, 1: "periodic" if periodic else 0},
+        allow_rechunk=False,
+    )
+    ey, ex = (np.cumsum([0, *c]) for c in chunks)
+    for (i, j), block in np.ndenumerate(expected.to_delayed()):
+        rows, cols = slice(ey[i], ey[i + 1]), slice(ex[j], ex[j + 1])
+        got = window(image, rows, cols, depth, periodic)
+        np.testing.assert_array_equal(got, block.compute())
 
 
 def test_halo_pieces_are_copies_of_the_edges() -> None:

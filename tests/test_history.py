@@ -16,12 +16,12 @@ import pytest
 import xarray as xr
 import zarr
 from dask.callbacks import Callback
-from dask.utils import key_split
+from helpers import random_arrays
 
 import cwtflow
 from cwtflow.core import combine_moments, residual_moments
-from cwtflow.halo import tile_batches
 from cwtflow.history import open_history, read_result
+from cwtflow.maps import default_wcs
 from cwtflow.state import STATE_VARS, VARIABLES, initial_state
 from cwtflow.store import COMPLETE
 from cwtflow.store_writer import ZarrSink
@@ -484,91 +484,70 @@ def test_input_checksum_does_not_depend_on_tiles(tmp_path, maps):
         sink.start(initial_state(changed, KERNELS))
 
 
-def test_tile_batches_cover_the_map_on_aligned_tile_edges() -> None:
-    tiles = ((8,) * 9, (10, 10, 10, 10, 10, 12))
-    batches = tile_batches(tiles, (8, 10), threads=2)
-    assert [(b["y"], b["x"]) for b in batches[:2]] == [
-        (slice(0, 32), slice(0, 40)),
-        (slice(0, 32), slice(40, 62)),
-    ]
-    # edges only where a tile edge is a multiple of the store chunk: here 12 and 24 of 6-tiles
-    misaligned = tile_batches(((6,) * 8, (4,)), (4, 4), threads=1)
-    assert [b["y"] for b in misaligned] == [slice(0, 48)]
-    assert [b["y"] for b in tile_batches(((6,) * 16, (4,)), (4, 4))] == [
-        slice(0, 48),
-        slice(48, 96),
-    ]
-    covered = np.zeros((72, 62), int)
-    for b in batches:
-        covered[b["y"], b["x"]] += 1
-    assert (covered == 1).all()
-    # 4 tiles a side up to 4 threads, then enough for 4 tiles per thread
-    assert len(tile_batches(((1,) * 16, (1,) * 16), threads=4)) == 16
-    assert len(tile_batches(((1,) * 16, (1,) * 16), threads=16)) == 4
-
-
-@pytest.mark.slow
-def test_tiled_run_writes_one_batch_of_tiles_per_compute(tmp_path, random_maps):
-    """Independent tiles (no island threshold): each computation of an iteration runs the
-    convolutions of one batch of tiles only, and the stored result equals the in-memory run."""
-
-    class TileTasks(Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.per_compute: list[int] = []
-
-        def _start(self, dsk) -> None:
-            self.per_compute.append(0)
-
-        def _posttask(self, key, result, dsk, state, worker_id) -> None:
-            if key_split(key) == "tile_iteration":
-                self.per_compute[-1] += 1
-
-    maps = random_maps(5, (45, 44))
-    small = cwtflow.CWTKernels(1, 1.0, 2.0)  # halo 8 (+1 for the cleaning): tiles of 9 x 11
-    cwt = cwtflow.CWT(small, max_iter=2, tol=0.0)
-    expected = cwt.analyze(maps)
-    recorder = TileTasks()
-    with recorder, dask.config.set(scheduler="threads", num_workers=1):
-        result = cwt.analyze(maps, chunks=(9, 11), store=tmp_path / "run.zarr")
-    runs = [n for n in recorder.per_compute if n]
-    # 5 x 4 tiles: per iteration a batch of 4 x 4 tiles, then one of 1 x 4
-    assert runs == [16, 4, 16, 4]
-    assert_same_state(result, expected, rtol=1e-10)
-
-
 # --- tiled runs through the store ---------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_tiled_run_through_store(tmp_path, maps, reference, monkeypatch):
-    """chunks=: zarr chunks are the tiles, the result equals the in-memory run, and the graph
-    handed to the store is the same size every iteration (states are read back from it)."""
-    graph_sizes = []
-    original = ZarrSink.write
+def test_tiled_run_through_store(tmp_path, maps, reference):
+    """chunks=: zarr chunks are the tiles, the result equals the in-memory run, and every
+    iteration is one computation of one task per tile (read from the store, computed and
+    written in the task), the same every iteration (states are read back from the store)."""
 
-    def write(self, k, state, moments, **kwargs):
-        graph_sizes.append(len(dict(state.__dask_graph__())))
-        return original(self, k, state, moments, **kwargs)
-
-    monkeypatch.setattr(ZarrSink, "write", write)
     path = tmp_path / "run.zarr"
     cwt = make_cwt()
-    result = cwt.analyze(maps, chunks=(16, 20), store=path)
+    graphs = TileGraphs()
+    with graphs:
+        result = cwt.analyze(maps, chunks=(16, 20), store=path)
     assert_same_state(result, reference[0], rtol=1e-10)
     assert result["model"].chunks == ((16, 16, 4), (20, 20, 4))
     root = zarr.open_group(str(path), mode="r")
     assert root.attrs["chunks"] == [16, 20]
     assert root["inputs/counts"].chunks == (16, 20)
     assert root["iterations/0004/transform_3d"].chunks == (2, 16, 20)
-    assert len(graph_sizes) == 4
-    assert len(set(graph_sizes[1:])) == 1  # iteration 1 also computes approx_bkg
+    # 4 iterations, each a graph of one task: the kernels' halo is wider than the chunks,
+    # so the whole map is one work tile (see the next test for many)
+    assert graphs.sizes == [(1, 1)] * 4
     for stored, kept in zip(cwt.history, reference[1], strict=True):
         assert_same_state(stored, kept, rtol=1e-10)
     # resuming the tiled store from numpy maps (or other tiles) continues it
     resumed = make_cwt(max_iter=5).analyze(maps, store=path, resume=True)
     expected = make_cwt(max_iter=5).analyze(maps)
     assert_same_state(resumed, expected, rtol=1e-10)
+
+
+class TileGraphs(Callback):
+    """Records (tasks, tile tasks) of every computation that writes tiles to a store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def _start(self, dsk) -> None:
+        tiles = sum(str(key).startswith("store-tile-") for key in dsk)
+        if tiles:
+            self.sizes.append((len(dsk), tiles))
+
+
+@pytest.mark.parametrize(("wrap", "shape", "tiles"), [(False, (45, 44), 20), (True, (20, 44), 8)])
+def test_store_iterations_are_one_task_per_tile(tmp_path, wrap, shape, tiles):
+    """Independent tiles (no island threshold): an iteration is one task per tile, which
+    reads its windows from the store, and the stored history equals the in-memory run's
+    (an all-sky map too: the windows wrap in longitude)."""
+    counts, background = random_arrays(5, shape)
+    wcs = default_wcs(shape, binsz=360.0 / shape[1] if wrap else 0.1)
+    maps = cwtflow.make_maps(counts, background, wcs)
+    small = cwtflow.CWTKernels(1, 1.0, 2.0)  # halo 8 (+1 for the cleaning): tiles of 9 x 11
+    cwt = cwtflow.CWT(small, max_iter=3, tol=0.0, keep_history=True)
+    assert cwt.wraps(maps) == wrap
+    expected = cwt.analyze(maps)
+    expected_history = cwt.history
+    graphs = TileGraphs()
+    with graphs:
+        result = cwt.analyze(maps, chunks=(9, 11), store=tmp_path / "run.zarr")
+    assert graphs.sizes == [(tiles, tiles)] * 3  # nothing but the tile tasks in the graph
+    assert_same_state(result, expected, rtol=1e-10)
+    for stored, kept in zip(cwt.history, expected_history, strict=True):
+        assert_same_state(stored, kept, rtol=1e-10)
 
 
 @pytest.mark.slow
