@@ -35,7 +35,7 @@ import dask
 import google_crc32c
 import numpy as np
 import xarray as xr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
 from .errors import StoreError
@@ -62,8 +62,11 @@ __all__ = [
     "verify_store",
 ]
 
-#: Bytes-to-bytes codecs of every stored array: zstd, then the CRC32C of the compressed bytes.
-CHUNK_CODECS = (ZstdCodec(level=0), Crc32cCodec())
+#: Bytes-to-bytes codecs of every stored array: blosc (lz4 on byte-shuffled values), then the
+#: CRC32C of the compressed bytes. Chosen by `benchmarks/bench_codecs.py`: on a CWT state it
+#: stores 0.60 of the raw bytes (zstd level 0: 0.66) and writes and reads it in 0.56 of zstd's
+#: time (one thread, 2048^2, 512-pixel chunks).
+CHUNK_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec())
 #: ``to_zarr`` options of every write: all chunks are stored, even those equal to the fill.
 WRITE_OPTIONS = {"write_empty_chunks": True}
 #: Group attr holding the manifest of a complete group.
