@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from .defaults import CWT_DEFAULTS
+from .defaults import CWT_DEFAULTS, KERNEL_DEFAULTS
+from .errors import InputError
 
 __all__ = ["survey"]
 
@@ -59,14 +60,25 @@ def _cluster(options: Mapping[str, Any], *, quiet: bool) -> Iterator[Any]:
     show_default=True,
     help="Largest pixel-scale error at the patch corners.",
 )
-@click.option("--n-scale", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option(
     "--min-scale",
     type=float,
     default=None,
-    help="Smallest scale in pixels (default, provisional: PSF sigma / binsz).",
+    help="Explicit kernels: smallest scale in pixels (default: the kernels follow from --psf, "
+    "docs/psf_rule.md).",
 )
-@click.option("--step-scale", type=float, default=1.3, show_default=True)
+@click.option(
+    "--n-scale",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"With --min-scale: number of scales [{KERNEL_DEFAULTS['n_scale']}].",
+)
+@click.option(
+    "--step-scale",
+    type=float,
+    default=None,
+    help=f"With --min-scale: ratio of successive scales [{KERNEL_DEFAULTS['step_scale']}].",
+)
 @click.option(
     "--threshold",
     type=float,
@@ -107,21 +119,23 @@ def survey(counts: Path, out: Path, **options: Any) -> None:
     """Run the CWT over the whole sky: EVENTS_OR_MAP (a FITS event list or a HEALPix/CAR
     counts map) cut into patches, each a cwtflow run with its own store inside --out."""
     from .kernels import CWTKernels
-    from .survey import Survey, angle_deg, default_kernels
+    from .survey import Survey, angle_deg
 
     psf = angle_deg(options.pop("psf"), "--psf")
     binsz = angle_deg(options.pop("binsz"), "--binsz")
-    min_scale = options.pop("min_scale")
-    kernels = (
-        default_kernels(
-            psf,
-            binsz,
-            n_scale=options["n_scale"],
-            step_scale=options["step_scale"],
-        )
-        if min_scale is None
-        else CWTKernels(options["n_scale"], min_scale, options["step_scale"])
+    min_scale, n_scale, step_scale = (
+        options.pop(name) for name in ("min_scale", "n_scale", "step_scale")
     )
+    kernels = None  # the PSF rule's
+    if min_scale is not None:
+        n_scale = KERNEL_DEFAULTS["n_scale"] if n_scale is None else n_scale
+        step_scale = KERNEL_DEFAULTS["step_scale"] if step_scale is None else step_scale
+        kernels = CWTKernels(n_scale, min_scale, step_scale)
+    elif n_scale is not None or step_scale is not None:
+        raise InputError(
+            "--n-scale and --step-scale need --min-scale (without them the kernels follow "
+            "from --psf)"
+        )
     survey_est = Survey(
         binsz=binsz,
         psf_sigma=psf,

@@ -28,7 +28,7 @@ from .survey_merge import allsky_image, plot_allsky, survey_catalog
 from .survey_patch import PatchJob, SurveySettings, run_patch
 from .survey_store import create_survey_store, file_provenance
 
-__all__ = ["Survey", "SurveyResult", "angle_deg", "default_kernels", "run_survey"]
+__all__ = ["Survey", "SurveyResult", "angle_deg", "run_survey"]
 
 
 def angle_deg(value: Any, name: str) -> float:
@@ -44,12 +44,6 @@ def angle_deg(value: Any, name: str) -> float:
     if not (math.isfinite(deg) and deg > 0):
         raise InputError(f"{name} must be a positive angle, got {value!r}")
     return float(deg)
-
-
-def default_kernels(psf_sigma: float, binsz: float, *, n_scale: int = 2, step_scale: float = 1.3):
-    """Provisional kernels of a survey (until kernels derive from the PSF): the smallest
-    wavelet scale is the PSF sigma in pixels, ``min_scale = psf_sigma / binsz``."""
-    return CWTKernels(n_scale, psf_sigma / binsz, step_scale)
 
 
 @dataclass
@@ -87,10 +81,10 @@ class Survey:
     binsz : angle
         Pixel size of the patches (deg or a Quantity / string such as ``"0.1deg"``).
     psf_sigma : angle
-        Gaussian PSF sigma: the catalog's point-source template (`find_sources` ``psf_sigma``)
-        and, provisionally, the smallest kernel scale (`default_kernels`).
+        Gaussian PSF sigma: the kernels (`CWTKernels.from_psf`, the rule of
+        ``docs/psf_rule.md``) and the catalog's point-source template and separations.
     kernels : CWTKernels, optional
-        Explicit kernels (default `default_kernels` with ``n_scale`` / ``step_scale``).
+        Explicit kernels (in pixels of ``binsz``) instead of the PSF rule's.
     nside : int, optional
         HEALPix nside of the cores; by default the lowest whose patch corners keep the pixel
         scale within ``max_distortion``. An explicit nside over the bound is refused.
@@ -116,8 +110,6 @@ class Survey:
         binsz: Any,
         psf_sigma: Any,
         kernels: CWTKernels | None = None,
-        n_scale: int = 2,
-        step_scale: float = 1.3,
         nside: int | None = None,
         proj: str = "ZEA",
         frame: str = "galactic",
@@ -134,9 +126,7 @@ class Survey:
     ) -> None:
         self.binsz = angle_deg(binsz, "binsz")
         self.psf_sigma = angle_deg(psf_sigma, "psf_sigma")
-        self.kernels = kernels or default_kernels(
-            self.psf_sigma, self.binsz, n_scale=n_scale, step_scale=step_scale
-        )
+        self.kernels = kernels or CWTKernels.from_psf(self.psf_sigma * u.deg, self.binsz * u.deg)
         CWT(self.kernels, **cwt)  # checks the estimator's settings now
         self.cwt = dict(cwt)
         self.catalog = {

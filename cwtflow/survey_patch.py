@@ -105,7 +105,8 @@ def patch_inputs(patch: Patch, settings: SurveySettings) -> xr.Dataset:
 
 
 def _estimator(settings: SurveySettings) -> CWT:
-    return CWT(CWTKernels.from_dict(settings.kernels), **settings.cwt)
+    kernels = CWTKernels.from_dict(settings.kernels)
+    return CWT(kernels, psf=settings.psf_sigma * u.deg, **settings.cwt)
 
 
 def patch_catalog(result: xr.Dataset, patch: Patch, settings: SurveySettings) -> Table:

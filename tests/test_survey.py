@@ -176,7 +176,7 @@ def test_merge_decides_edge_sources_once() -> None:
 
 
 def test_patch_equals_standalone_run(sky: dict, tmp_path: Path) -> None:
-    survey = cwtflow.Survey(binsz=1.0, psf_sigma=1.5, nside=1, max_distortion=0.3, max_iter=3)
+    survey = cwtflow.Survey(binsz=1.0, psf_sigma=1.5, nside=1, max_distortion=0.5, max_iter=3)
     settings, inputs = survey.check_inputs(sky["events"], sky["background"], sky["exposure"])
     out = tmp_path / "sky.zarr"
     create_survey_store(
@@ -197,7 +197,7 @@ def test_patch_equals_standalone_run(sky: dict, tmp_path: Path) -> None:
 
 
 def test_bad_inputs_write_nothing(sky: dict, tmp_path: Path) -> None:
-    survey = cwtflow.Survey(binsz=1.0, psf_sigma=1.5, nside=1, max_distortion=0.3, flux=True)
+    survey = cwtflow.Survey(binsz=1.0, psf_sigma=1.5, nside=1, max_distortion=0.5, flux=True)
     out = tmp_path / "sky.zarr"
     with pytest.raises(InputError, match="exposure"):
         survey.run(sky["events"], sky["background"], out=out)
@@ -214,7 +214,7 @@ def test_cli_bad_input_one_line(sky: dict, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", CLI, "survey", str(sky["background"]), "--background",
          str(sky["background"]), "--psf", "1.5deg", "--binsz", "1deg", "--nside", "1",
-         "--max-distortion", "0.3", "--emin", "1000", "--out", str(out)],
+         "--max-distortion", "0.5", "--emin", "1000", "--out", str(out)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 1

@@ -30,7 +30,7 @@ SOURCES = Table(
         "counts": [400.0] * 8,
     }
 )
-SETTINGS = {"binsz": 1.0, "psf_sigma": 1.5, "nside": 1, "max_distortion": 0.3, "max_iter": 4}
+SETTINGS = {"binsz": 1.0, "psf_sigma": 1.5, "nside": 1, "max_distortion": 0.5, "max_iter": 4}
 CLI = "from cwtflow.cli import main; main()"
 
 
@@ -80,7 +80,7 @@ def test_cli_survey_killed_and_resumed(sky: dict, result, tmp_path: Path) -> Non
     args = [
         sys.executable, "-c", CLI, "survey", str(sky["events"]), "--background",
         str(sky["background"]), "--exposure", str(sky["exposure"]), "--psf", "1.5deg",
-        "--binsz", "1deg", "--nside", "1", "--max-distortion", "0.3", "--max-iter", "4",
+        "--binsz", "1deg", "--nside", "1", "--max-distortion", "0.5", "--max-iter", "4",
         "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
