@@ -37,7 +37,7 @@ from cwtflow.io import wcs_header
 def write_fits(path: Path, shape: tuple[int, int], chunk: int) -> None:
     """COUNTS and BACKGROUND as float32 image extensions, written band by band."""
     data = lazy_simulated_maps(shape, chunk)
-    fits.PrimaryHDU().writeto(path)
+    fits.PrimaryHDU().writeto(str(path))
     for name, hdu in (("counts", "COUNTS"), ("background", "BACKGROUND")):
         header = wcs_header(data.attrs)
         header.insert(0, ("XTENSION", "IMAGE"))
@@ -48,7 +48,7 @@ def write_fits(path: Path, shape: tuple[int, int], chunk: int) -> None:
         header.insert(5, ("PCOUNT", 0))
         header.insert(6, ("GCOUNT", 1))
         header["EXTNAME"] = hdu
-        stream = fits.StreamingHDU(path, header)
+        stream = fits.StreamingHDU(str(path), header)
         for y in range(0, shape[0], chunk):
             band = data[name][y : y + chunk].values.astype(">f4")
             stream.write(band)
