@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,11 @@ class ZarrSink:
         Continue the run held by an existing ``store``.
     overwrite : bool
         Replace an existing cwtflow store.
+    local_inputs : bool
+        ``data`` is held in this process's memory (numpy maps chunked into dask arrays): its
+        checks and writes (inputs and iteration 0) run on dask's threaded scheduler here, even
+        when a cluster runs the iterations, so that no map travels inside a task graph; the
+        workers then read the inputs from the store.
 
     The protocol: `start` (inputs and iteration 0, or the state of a resumed run), `write`
     (store one iteration's data, return the state read back and concrete statistics),
@@ -118,6 +124,7 @@ class ZarrSink:
         *,
         resume: bool = False,
         overwrite: bool = False,
+        local_inputs: bool = False,
     ) -> None:
         if resume and overwrite:
             raise InputError("resume and overwrite exclude each other")
@@ -128,6 +135,7 @@ class ZarrSink:
         self.data = data
         self.resume = bool(resume)
         self.overwrite = bool(overwrite)
+        self.local_inputs = bool(local_inputs)
         self.shape = (int(data.sizes["y"]), int(data.sizes["x"]))
         self.chunks = _store_chunks(data)
         self._inputs: xr.Dataset | None = None
@@ -219,10 +227,12 @@ class ZarrSink:
         lazy input) are computed with the write (or the checksums) of the inputs; bad pixels
         raise `InputError` and leave no store.
         """
+        local = dask.config.set(scheduler="threads") if self.local_inputs else nullcontext()
         try:
             self._open_existing()
             if self._existing and self.resume:
-                resumed = self._resume(checks)
+                with local:
+                    resumed = self._resume(checks)
                 if resumed is not None:
                     return resumed
         except BaseException:
@@ -231,8 +241,9 @@ class ZarrSink:
         if self._existing:
             clear_store(self.path)
         self._create()
-        self._write_inputs(checks)
-        self._write_group(0, state)
+        with local:
+            self._write_inputs(checks)
+            self._write_group(0, state)
         self._mark(0, {"iteration": 0, "table": []})
         consolidate(self.path)
         return self._open_state(0), []

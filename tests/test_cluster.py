@@ -401,6 +401,23 @@ def test_cluster_run_numpy_input_default_tiles(
     assert_states_equal(result, small_expected)
 
 
+def test_cluster_run_numpy_input_into_store(
+    client: Client, small_sky: xr.Dataset, small_expected: xr.Dataset, tmp_path: Path
+) -> None:
+    """Numpy maps and a store: the driver writes the inputs and iteration 0 (no map inside a
+    task graph); the workers run one task per tile and iteration and nothing else."""
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as stream:
+        result = CWT(KERNELS, max_iter=2, tol=0).analyze(
+            small_sky, chunks=(64, 80), store=tmp_path / "run.zarr", client=client
+        )
+    names = sorted({str(task["key"]).rsplit("-", 3)[0] for task in stream.data})
+    assert names == ["store-tile"]
+    assert len(stream.data) == 2 * 4  # 2 iterations of 2 x 2 tiles
+    assert_states_equal(result, small_expected)
+
+
 def test_client_must_be_a_client(small_sky: xr.Dataset) -> None:
     with pytest.raises(InputError, match=r"distributed\.Client"):
         CWT(KERNELS).analyze(small_sky, client="tcp://127.0.0.1:8786")
