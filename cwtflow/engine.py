@@ -296,7 +296,7 @@ class CWT:
                 k = len(infos) + 1
                 # a store already holds the previous state: one task per tile reads its
                 # windows, computes and writes (`ZarrSink.write_tiles`), when tiles are local
-                work = step.tile_work() if isinstance(sink, ZarrSink) else None
+                work = step.tile_work(sink.chunks) if isinstance(sink, ZarrSink) else None
                 if work is None:
                     new, moments = step(state)
                     state, moments = sink.write(k, new, moments)
@@ -471,7 +471,7 @@ class _InMemoryStep:
         self.const = core.image_spectra(self.counts, self.background, shape=grid, workers=workers)
         self.approx_bkg = core.convolve_approx(self.background, self.spectra, workers=workers)
 
-    def tile_work(self) -> None:
+    def tile_work(self, align: tuple[int, int]) -> None:
         """None: the whole map is one numpy array, there are no tiles to compute apart."""
         return None
 

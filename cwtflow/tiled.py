@@ -350,11 +350,14 @@ class TiledStep:
             }
         self._approx_bkg_known = False
 
-    def tile_work(self) -> TileWork | None:
+    def tile_work(self, align: tuple[int, int]) -> TileWork | None:
         """The next iteration as one function per tile (`TileWork`), or None when the
-        iteration needs a global step (an island threshold). Calling it counts as taking
-        the step: ``approx_bkg`` is computed by the first iteration only."""
-        if not self.local_clean:
+        iteration needs a global step (an island threshold) or when a tile edge is not a
+        multiple of ``align`` (the store's chunks: tiles written apart must not share a
+        chunk). Returning work counts as taking the step: ``approx_bkg`` is computed by the
+        first iteration only."""
+        edges = [np.cumsum(axis)[:-1] for axis in self.work_chunks]
+        if not self.local_clean or any((e % a).any() for e, a in zip(edges, align, strict=True)):
             return None
         work = TileWork(
             chunks=self.work_chunks,

@@ -550,6 +550,23 @@ def test_store_iterations_are_one_task_per_tile(tmp_path, wrap, shape, tiles):
         assert_same_state(stored, kept, rtol=1e-10)
 
 
+def test_resume_with_tiles_across_store_chunks(tmp_path):
+    """Resumed with tiles whose edges are not chunk edges of the store, an iteration is not
+    written tile by tile (two tasks would share chunks) but through one graph: same result."""
+    maps = cwtflow.make_maps(*random_arrays(8, (45, 44)))
+    kernels = cwtflow.CWTKernels(1, 1.0, 2.0)
+    path = tmp_path / "run.zarr"
+    cwtflow.CWT(kernels, max_iter=1, tol=0.0).analyze(maps, chunks=(9, 11), store=path)
+    graphs = TileGraphs()
+    with graphs:
+        resumed = cwtflow.CWT(kernels, max_iter=3, tol=0.0).analyze(
+            maps, chunks=(10, 10), store=path, resume=True
+        )
+    assert graphs.sizes == []
+    expected = cwtflow.CWT(kernels, max_iter=3, tol=0.0).analyze(maps)
+    assert_same_state(resumed, expected, rtol=1e-10)
+
+
 @pytest.mark.slow
 def test_cli_run_into_store(tmp_path, maps, reference):
     """``cwtflow run --out run.zarr --chunks NY NX`` writes the tiled history store; --resume
