@@ -275,14 +275,8 @@ class CWT:
             step = _InMemoryStep(settings, data, wrap)
         sink: Sink
         if store is not None:
-            sink = ZarrSink(
-                store,
-                settings,
-                data,
-                resume=resume,
-                overwrite=overwrite,
-                local_inputs=not lazy_input,
-            )
+            options = {"resume": resume, "overwrite": overwrite, "local_inputs": not lazy_input}
+            sink = ZarrSink(store, settings, data, **options)
         elif resume:
             raise InputError("resume=True needs a store to resume from")
         else:

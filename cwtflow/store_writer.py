@@ -71,6 +71,7 @@ from .store_integrity import (
     check_root_digest,
     checksummed,
     combine_digests,
+    group_digest,
     seal_group,
     update_root,
 )
@@ -275,7 +276,8 @@ class ZarrSink:
         self._new_group(k)
         ds, target = self._group_dataset(k, state)
         ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
-        moments = compute_tiles(str(self.path), previous, group_name(k), work)
+        digests = {name: group_digest(self.path, name) for name in ("inputs", previous)}
+        moments = compute_tiles(str(self.path), previous, group_name(k), work, digests)
         return self._open_state(k), moments
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:

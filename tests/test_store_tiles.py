@@ -1,0 +1,62 @@
+"""The tile-by-tile iteration of a store (cwtflow.store_tiles): its chunk cache and the windows
+read through it (the runs themselves are tested in test_history.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cwtflow import store_tiles
+from cwtflow.halo import window
+from cwtflow.store_tiles import ChunkCache
+
+
+def test_cache_keeps_recent_blocks_within_its_bytes() -> None:
+    cache = ChunkCache(3 * 800)  # three blocks of 100 float64
+    loads: list[int] = []
+
+    def loader(i: int):
+        def load() -> np.ndarray:
+            loads.append(i)
+            return np.full(100, float(i))
+
+        return load
+
+    for i in (0, 1, 2, 0, 3):  # 0 used again before 3 arrives: 1 is the oldest and goes
+        block = cache.get(("a", i), loader(i))
+        assert block[0] == i and not block.flags.writeable
+    assert loads == [0, 1, 2, 3]
+    cache.get(("a", 1), loader(1))
+    assert loads == [0, 1, 2, 3, 1]
+    cache.get(("a", 0), loader(0))  # still kept: loading 1 again evicted 2, the oldest
+    assert loads == [0, 1, 2, 3, 1]
+    big = ChunkCache(10)
+    big.get(("b",), lambda: np.zeros(100))  # larger than the cache: returned, not kept
+    assert big.get(("b",), lambda: np.ones(100))[0] == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    chunks=st.tuples(st.integers(3, 9), st.integers(3, 9)),
+    start=st.tuples(st.integers(0, 20), st.integers(0, 20)),
+    size=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+    depth=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    periodic=st.booleans(),
+)
+def test_windows_read_through_the_cache_equal_the_array(
+    tmp_path_factory, chunks, start, size, depth, periodic
+) -> None:
+    image = np.random.default_rng(sum(chunks)).normal(size=(29, 31))
+    path = tmp_path_factory.mktemp("cache") / "a.zarr"
+    stored = zarr.create_array(str(path), shape=image.shape, chunks=chunks, dtype="f8")
+    stored[...] = image
+    store_tiles.CACHE.clear()
+    cached = store_tiles.CachedArray(stored, (str(path), "digest", "a"))
+    rows = slice(start[0], min(start[0] + size[0], 29))
+    cols = slice(start[1], min(start[1] + size[1], 31))
+    for _ in range(2):  # from the arrays, then from the cache
+        np.testing.assert_array_equal(
+            window(cached, rows, cols, depth, periodic), window(image, rows, cols, depth, periodic)
+        )
