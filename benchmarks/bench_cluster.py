@@ -160,7 +160,11 @@ def run_once(args: argparse.Namespace, client: Client, inputs: Path, store: Path
         "tasks_per_iteration": [b - a for a, b in itertools.pairwise([0, *tasks])],
         "task_s_per_iteration": busy,
         "task_s_by_prefix": dict(sorted(by_prefix.items(), key=lambda kv: -kv[1])[:8]),
-        "tile_function_s": sum(v for k, v in by_prefix.items() if k.startswith("tile_iteration")),
+        # the tile function: the graph path's `tile_iteration`, or the store's tile task
+        # (`cwtflow.store_tiles`: reads, computes and writes the tile)
+        "tile_function_s": sum(
+            v for k, v in by_prefix.items() if k.startswith(("tile_iteration", "store-tile"))
+        ),
         "global_join_s": sum(v for k, v in by_prefix.items() if "_join" in k),
         "store_bytes": _dir_bytes(store),
         "worker_peak_rss": worker_peak,
