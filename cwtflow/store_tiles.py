@@ -27,8 +27,11 @@ a cached chunk can never stand for other data, even when a store is rewritten in
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -38,7 +41,15 @@ import zarr
 from .halo import window
 from .tiled import TileWork
 
-__all__ = ["CACHE", "CACHE_BYTES", "CachedArray", "ChunkCache", "compute_tiles", "store_tile"]
+__all__ = [
+    "CACHE",
+    "CACHE_BYTES",
+    "CachedArray",
+    "ChunkCache",
+    "carry_chunks",
+    "compute_tiles",
+    "store_tile",
+]
 
 #: Bytes of decoded chunks each process keeps for the windows of its tile tasks.
 CACHE_BYTES = 256 * 2**20
@@ -164,9 +175,28 @@ def store_tile(
     ]
     support = array(previous, "support")[(slice(None), *tile)]
     arrays, moments = work(*windows, support, block_id)
-    if "approx_bkg" not in arrays:  # constant: carried over from the previous group
-        arrays["approx_bkg"] = array(previous, "approx_bkg")[tile]
+    if "approx_bkg" not in arrays:  # constant: the previous group's chunk files
+        carry_chunks(path, previous, group, "approx_bkg", tile)
     for name, values in arrays.items():
         out = array(group, name, "r+").with_config({"write_empty_chunks": True})
         out[(Ellipsis, *tile)] = values
     return np.asarray(moments, dtype=np.float64)
+
+
+def carry_chunks(path: str, source: str, target: str, name: str, tile: tuple[slice, slice]) -> None:
+    """Give array ``name`` of group ``target`` the chunk files of group ``source`` covering
+    ``tile`` (2-D; same metadata in both groups): hard links, or copies where the file system
+    has none."""
+    array = zarr.open_array(store=path, path=f"{source}/{name}", mode="r")
+    (cy, cx), encode = array.chunks, array.metadata.chunk_key_encoding.encode_chunk_key
+    for iy in range(tile[0].start // cy, -(-tile[0].stop // cy)):
+        for ix in range(tile[1].start // cx, -(-tile[1].stop // cx)):
+            key = encode((iy, ix))
+            old, new = Path(path, source, name, key), Path(path, target, name, key)
+            new.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(old, new)
+            except FileExistsError:  # never over a chunk already there
+                raise
+            except OSError:  # no hard links here
+                shutil.copyfile(old, new)

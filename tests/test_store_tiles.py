@@ -3,11 +3,14 @@ read through it (the runs themselves are tested in test_history.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cwtflow
 from cwtflow import store_tiles
 from cwtflow.halo import window
 from cwtflow.store_tiles import ChunkCache
@@ -60,3 +63,23 @@ def test_windows_read_through_the_cache_equal_the_array(
         np.testing.assert_array_equal(
             window(cached, rows, cols, depth, periodic), window(image, rows, cols, depth, periodic)
         )
+
+
+def test_constant_plane_is_written_once(tmp_path: Path) -> None:
+    """approx_bkg, constant after iteration 1, is the same files in every later group (hard
+    links): written once, checksums and manifests intact, values equal."""
+    from helpers import random_arrays
+
+    maps = cwtflow.make_maps(*random_arrays(3, (45, 44)))
+    cwt = cwtflow.CWT(cwtflow.CWTKernels(1, 1.0, 2.0), max_iter=3, tol=0.0, keep_history=True)
+    cwt.analyze(maps, chunks=(9, 11), store=tmp_path / "run.zarr")
+    groups = [tmp_path / "run.zarr" / "iterations" / f"000{k}" / "approx_bkg" for k in (1, 2, 3)]
+    files = sorted(p.relative_to(groups[0]) for p in groups[0].rglob("c/*/*"))
+    assert len(files) == 5 * 4
+    for name in files:
+        inodes = {(g / name).stat().st_ino for g in groups}
+        assert len(inodes) == 1
+    report = cwtflow.verify_store(tmp_path / "run.zarr")  # raises on any damage
+    assert len(report.groups) == 5  # inputs and iterations 0-3
+    history = cwtflow.open_history(tmp_path / "run.zarr")
+    np.testing.assert_array_equal(history[1]["approx_bkg"], history[3]["approx_bkg"])
