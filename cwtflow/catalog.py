@@ -28,11 +28,12 @@ error; sigma_psf is the PSF's Gaussian sigma):
   (5 PSF sigmas), ``mu = beta B + (other sources) + a G``, G a pixel-integrated Gaussian of
   sigma ``sqrt(sigma_psf^2 + extension^2)``; position, expected counts ``a`` (and extension)
   maximise the Poisson likelihood with the other sources fixed, in sweeps; ``beta`` is the
-  background model's local normalisation, fitted too (``fit_background``, default) or 1.
+  background model's local normalisation: 1 (default; the background model as given) or
+  fitted on each window (``fit_background``).
   Candidates converging within ``min_separation`` of a higher-TS one are dropped.
 - ``ts``: ``2 (log L - log L0)`` of the point-source fit against ``mu0 = beta0 B + (other
-  sources)``, ``beta0`` refitted without the source (the detection test, for extended sources
-  too); ``significance``: ``sqrt(ts)``.
+  sources)``, ``beta0`` 1 or, with ``fit_background``, refitted without the source (the
+  detection test, for extended sources too); ``significance``: ``sqrt(ts)``.
   Sources below ``min_significance`` are dropped.
 - ``x_err``, ``y_err``, ``source_counts_err``, ``extension_err``: from the inverse Fisher
   information at the maximum; ``pos_err``: ``sqrt((x_err^2 dx^2 + y_err^2 dy^2) / 2)`` (deg)
@@ -249,7 +250,7 @@ def find_sources(
     contrast: float = 0.2,
     min_separation: u.Quantity | None = None,
     fit_extension: bool = True,
-    fit_background: bool = True,
+    fit_background: bool = False,
     kernels: CWTKernels | None = None,
 ) -> QTable:
     """Catalog of the sources in a CWT result, refined by a Poisson likelihood fit.
@@ -281,7 +282,9 @@ def find_sources(
         Also fit a Gaussian extension (``extension``, ``ts_ext``, ``extended``).
     fit_background : bool
         Let the background model's normalisation float on each fit window, with and without
-        the source (a diffuse model locally off by some percent does not make sources).
+        the source. Off by default: on simulations (``docs/psf_rule.md``) the floating
+        normalisation absorbs part of a faint source's counts and finds fewer sources at the
+        same false-detection rate, with the background model exact or off by 10-20 %.
     kernels : CWTKernels, optional
         The run's kernels, when the result's attrs do not record them (they must match the
         result's ``scale`` coordinate).

@@ -1,0 +1,128 @@
+"""cwtflow on the diagnosis grid: per map and variant, the seeds (with their seed significance)
+and every refined candidate (kept or not, its TS), plus the truth. Cached per variant."""
+
+import os
+import pickle
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+import cwtflow
+import cwtflow.catalog as cat
+import cwtflow.peaks as pk
+import cwtflow.refine as rf
+
+OUT = Path(
+    os.environ.get(
+        "DIAG_OUT", str(Path(os.environ.get("DIAG_DIR", "/tmp/catalog-diagnosis")) / "ours")
+    )
+)
+OUT.mkdir(parents=True, exist_ok=True)
+
+_rec = {}
+_orig_refine = cat.refine
+_orig_island = pk.island_sources
+
+
+def _refine(windows, seeds, *a, **k):
+    fit = _orig_refine(windows, seeds, *a, **k)
+    _rec["seeds"] = np.array(seeds)
+    _rec["fit"] = fit
+    return fit
+
+
+def _island(*a, **k):
+    s = _orig_island(*a, **k)
+    _rec.setdefault("seedsig", []).append(s.significance)
+    return s
+
+
+cat.refine = _refine
+pk.island_sources = _island
+
+VARIANTS = {
+    # name: (CWT options, find_sources options, cwtflow.refine constants)
+    "float": ({}, {"fit_background": True}),
+    "fixed": ({}, {"fit_background": False}),
+    "float_win4": ({}, {"fit_background": True}, {"POINT_WINDOW": 4.0}),
+    "float_win7": ({}, {"fit_background": True}, {"POINT_WINDOW": 7.0}),
+    "float_win9": ({}, {"fit_background": True}, {"POINT_WINDOW": 9.0}),
+}
+
+
+def run(maps, psf, cwt_opts, cat_opts):
+    psfq = psf * 0.1 * u.deg
+    kern = cwt_opts.pop("kernels", None) or cwtflow.CWTKernels.from_psf(psfq, 0.1 * u.deg)
+    result = cwtflow.CWT(kern, psf=psfq, **cwt_opts).analyze(maps)
+    _rec.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opts = {"min_significance": 3.0, "fit_extension": False, **cat_opts}
+        table = cwtflow.find_sources(result, **opts)
+    fit = _rec.get("fit")
+    if fit is None:
+        cand = np.zeros((0, 6))
+        seeds = np.zeros((0, 4))
+    else:
+        cand = np.column_stack(
+            [
+                fit.x,
+                fit.y,
+                np.sqrt(fit.ts),
+                fit.keep & np.isfinite(fit.x_err),
+                fit.counts,
+                fit.converged,
+            ]
+        )
+        ss = np.concatenate(_rec["seedsig"]) if _rec["seedsig"] else np.zeros(0)
+        seeds = np.column_stack([_rec["seeds"][:, 1], _rec["seeds"][:, 2], _rec["seeds"][:, 0], ss])
+    det = (
+        np.column_stack(
+            [
+                np.asarray(table["x"].value),
+                np.asarray(table["y"].value),
+                np.asarray(table["significance"].value),
+            ]
+        )
+        if len(table)
+        else np.zeros((0, 3))
+    )
+    return {"cand": cand, "seeds": seeds, "det": det}
+
+
+def run_variant(name, cwt_opts, cat_opts, configs=None):
+    f = OUT / f"{name}.pkl"
+    if f.exists():
+        return pickle.loads(f.read_bytes())
+    res = {}
+    t0 = time.perf_counter()
+    for cfg in configs or common.configs():
+        maps, truth = common.sim(*cfg)
+        r = run(maps, cfg[0], dict(cwt_opts), dict(cat_opts))
+        r["truth"] = np.column_stack(
+            [
+                np.asarray(truth["x"], float),
+                np.asarray(truth["y"], float),
+                np.asarray(truth["counts"], float),
+            ]
+        )
+        res[common.key(*cfg)] = r
+    f.write_bytes(pickle.dumps(res))
+    print(name, f"{time.perf_counter() - t0:.0f}s", flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        v = VARIANTS[name]
+        for attr, val in (v[2] if len(v) > 2 else {}).items():
+            setattr(rf, attr, val)
+        run_variant(name, v[0], v[1])
+        rf.POINT_WINDOW = 5.0
