@@ -228,11 +228,10 @@ class ZarrSink:
         lazy input) are computed with the write (or the checksums) of the inputs; bad pixels
         raise `InputError` and leave no store.
         """
-        local = dask.config.set(scheduler="threads") if self.local_inputs else nullcontext()
         try:
             self._open_existing()
             if self._existing and self.resume:
-                with local:
+                with self._local():
                     resumed = self._resume(checks)
                 if resumed is not None:
                     return resumed
@@ -242,7 +241,7 @@ class ZarrSink:
         if self._existing:
             clear_store(self.path)
         self._create()
-        with local:
+        with self._local():
             self._write_inputs(checks)
             self._write_group(0, state)
         self._mark(0, {"iteration": 0, "table": []})
@@ -301,6 +300,12 @@ class ZarrSink:
         return [self._open_state(k) for k in complete_iterations(self.path)]
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _local(self) -> Any:
+        """Where the inputs' computations run: dask's threads here for ``local_inputs``."""
+        if self.local_inputs:
+            return dask.config.set(scheduler="threads")  # applied now, undone on exit
+        return nullcontext()
 
     def _status(self, k: int, converged: bool) -> str:
         if converged:
