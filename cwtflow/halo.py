@@ -9,6 +9,10 @@ tiles keep the whole block alive. Here a block's neighbours receive small copies
 function at once (`overlapped_tiles`): no halo-sized intermediate waits between tasks, and dask's
 ordering sees one task per tile consuming the inputs.
 
+Where the arrays are already stored (a run's zarr store), `window` reads the same tile by
+slicing the stored array: a task reads its own tile and halo, and no pieces travel at all
+(`cwtflow.store_tiles`).
+
 Boundaries: zeros beyond the map, or periodic along x (all-sky longitude). An axis of depth 0
 gets no halo. Dask's overlap reads the halo from the neighbouring block only, and so does this:
 every block of an axis cut in several must hold ``depth`` pixels (`tile_chunks`).
