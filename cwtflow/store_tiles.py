@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def store_tile(
 def carry_chunks(path: str, source: str, target: str, name: str, tile: tuple[slice, slice]) -> None:
     """Give array ``name`` of group ``target`` the chunk files of group ``source`` covering
     ``tile`` (2-D; same metadata in both groups): hard links, or copies where the file system
-    has none."""
+    has none. Idempotent: a retried task replaces what an earlier attempt left."""
     array = zarr.open_array(store=path, path=f"{source}/{name}", mode="r")
     (cy, cx), encode = array.chunks, array.metadata.chunk_key_encoding.encode_chunk_key
     for iy in range(tile[0].start // cy, -(-tile[0].stop // cy)):
@@ -194,9 +195,13 @@ def carry_chunks(path: str, source: str, target: str, name: str, tile: tuple[sli
             key = encode((iy, ix))
             old, new = Path(path, source, name, key), Path(path, target, name, key)
             new.parent.mkdir(parents=True, exist_ok=True)
+            # a task retried after its worker died may find its links made already; anything
+            # else there is replaced through a temporary name (a rename is atomic)
+            if new.exists() and os.path.samefile(old, new):
+                continue
+            temporary = new.with_name(f"{new.name}.{uuid.uuid4().hex}.tmp")
             try:
-                os.link(old, new)
-            except FileExistsError:  # never over a chunk already there
-                raise
+                os.link(old, temporary)
             except OSError:  # no hard links here
-                shutil.copyfile(old, new)
+                shutil.copyfile(old, temporary)
+            os.replace(temporary, new)
