@@ -221,3 +221,20 @@ def test_cli_bad_input_one_line(sky: dict, tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("cwtflow: error: ")
     assert "energy cut needs an event list" in proc.stderr
     assert not out.exists()
+
+
+def test_cli_kernel_options_need_min_scale(sky: dict, tmp_path: Path) -> None:
+    """Without --min-scale the kernels follow from --psf: --n-scale alone is refused."""
+    out = tmp_path / "sky.zarr"
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI, "survey", str(sky["events"]), "--background",
+         str(sky["background"]), "--psf", "1.5deg", "--binsz", "1deg", "--n-scale", "3",
+         "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "cwtflow: error: --n-scale and --step-scale need --min-scale (without them the "
+        "kernels follow from --psf)"
+    )
+    assert not out.exists()
