@@ -113,7 +113,13 @@ def listening_hosts(pid: int) -> set[str]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    with start_local_cluster(2, threads_per_worker=1, memory_limit="2GiB", dashboard=False) as c:
+    # a killed worker's restart (a new process importing the stack) may take more than the
+    # 15 s after which a LocalCluster gives the worker up and closes its nanny, on a loaded
+    # 2-core machine; the kill tests need it back
+    with (
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "180s"}),
+        start_local_cluster(2, threads_per_worker=1, memory_limit="2GiB", dashboard=False) as c,
+    ):
         yield c
 
 
