@@ -6,7 +6,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cwtflow import halo
@@ -56,6 +56,7 @@ def test_tiles_get_the_halo_of_dask_overlap(chunks, depth, periodic: bool) -> No
         assert (got[2] == i * 10 + j).all()
 
 
+@settings(max_examples=40, deadline=None)
 @given(
     data=st.data(),
     chunks=st.tuples(

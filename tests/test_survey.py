@@ -223,6 +223,7 @@ def test_cli_bad_input_one_line(sky: dict, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_kernel_options_need_min_scale(sky: dict, tmp_path: Path) -> None:
     """Without --min-scale the kernels follow from --psf: --n-scale alone is refused."""
     out = tmp_path / "sky.zarr"
