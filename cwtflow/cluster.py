@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -203,12 +204,34 @@ def client_summary(client: Client) -> str:
     )
 
 
-def _close_quietly(client: Client, cluster: LocalCluster | None, timeout: float) -> None:
-    with contextlib.suppress(Exception):
-        client.close(timeout=timeout)
-    if cluster is not None:
+def _close_quietly(
+    client: Client,
+    cluster: LocalCluster | None,
+    timeout: float,
+    cluster_timeout: float | None = None,
+) -> None:
+    """Close ``client`` (and ``cluster``, waiting up to ``cluster_timeout`` for its processes)
+    after a failure, with distributed's and tornado's logs of this process muted meanwhile:
+    a worker being restarted while the cluster closes makes them log broken connections."""
+    with _muted("distributed", "tornado"):
         with contextlib.suppress(Exception):
-            cluster.close(timeout=timeout)
+            client.close(timeout=timeout)
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=timeout if cluster_timeout is None else cluster_timeout)
+
+
+@contextlib.contextmanager
+def _muted(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +357,8 @@ def open_client(
                         raise
                     raise ClusterError(message) from exc
         except ClusterError:
-            _close_quietly(client, cluster, min(timeout, 5.0))
+            # the cluster's processes are waited for, so that none writes after the error
+            _close_quietly(client, cluster, min(timeout, 5.0), cluster_timeout=timeout)
             raise
         except BaseException:
             _close_quietly(client, cluster, timeout)
@@ -346,7 +370,7 @@ def open_client(
 
 
 def _close_quietly_cluster(cluster: LocalCluster, timeout: float) -> None:
-    with contextlib.suppress(Exception):
+    with _muted("distributed", "tornado"), contextlib.suppress(Exception):
         cluster.close(timeout=timeout)
 
 
