@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -262,17 +262,7 @@ class SkyPartition:
         lon, lat = patch.wcs().wcs_pix2world(corners_x, corners_y, 0)
         cos_sep = unit_vectors(lon, lat) @ unit_vectors(clon, clat)
         corner = float(np.degrees(np.arccos(np.clip(cos_sep, -1, 1))).max())
-        return Patch(
-            index,
-            float(clon),
-            float(clat),
-            float(angle),
-            (ny, nx),
-            self.binsz,
-            self.proj,
-            self.frame,
-            corner,
-        )
+        return replace(patch, corner_distance=corner)
 
     @property
     def max_corner_distance(self) -> float:
