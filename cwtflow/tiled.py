@@ -46,6 +46,7 @@ import scipy.fft
 import xarray as xr
 
 from . import core, labels
+from .allocator import heap_for_large_arrays
 from .core import Cleaning
 from .halo import overlapped_tiles, tile_chunks
 from .iteration import Settings
@@ -104,6 +105,7 @@ def _tile_iteration(
     (`core.not_isolated`). ``ring[ax]`` tells whether that axis's ring holds map
     pixels (a halo or a periodic pad); ring pixels beyond a non-periodic map edge are never set.
     """
+    heap_for_large_arrays()  # a dask worker's allocator maps every array afresh otherwise
     kernels = _kernels(*kernels)
     counts, background, model, approx = (
         a.astype(dtype, copy=False) for a in (counts, background, model, approx)
