@@ -58,6 +58,9 @@ if TYPE_CHECKING:  # heavy modules load when a command needs them: `cwtflow --he
 
 __all__ = ["DEMO_FILES", "cli", "main"]
 
+#: ``--fit-background`` choices and the `cwtflow.find_sources` values they stand for.
+_BACKGROUND_FITS: dict[str, bool | str] = {"measured": "measured", "fixed": False, "free": True}
+
 # --------------------------------------------------------------------------------------------
 # Error handling: one line on stderr, no traceback
 
@@ -342,10 +345,13 @@ def info(result: Path) -> None:
     help="Also fit a Gaussian extension to every source.",
 )
 @click.option(
-    "--fit-background/--fixed-background",
-    default=CATALOG_DEFAULTS["fit_background"],
+    "--fit-background",
+    type=click.Choice(list(_BACKGROUND_FITS)),
+    default="measured",
     show_default=True,
-    help="Let the background model's normalisation float on each fit window.",
+    callback=lambda ctx, param, value: _BACKGROUND_FITS[value],
+    help="The background model's normalisation on each fit window: fitted with the model's "
+    "error measured on the map as its prior (measured), as given (fixed), or free.",
 )
 @click.option(
     "--deblend/--no-deblend",

@@ -153,3 +153,46 @@ def test_psf_from_sigma_r68_profile_and_the_rule():
         psf.PSF.from_profile([0, 1, 2], [1, 0.5, 0])
     with pytest.raises(InputError, match="increasing"):
         psf.PSF.from_profile([0, 2, 1] * u.deg, [1, 0.5, 0])
+
+
+def test_background_prior_is_the_penalised_maximum_between_fixed_and_free():
+    """With a Gaussian prior on the background scale the fit is the maximum of the penalised
+    likelihood (checked against a general-purpose optimiser), its TS lies between the fixed
+    and the free fit's, and the limits of the prior width are those two fits."""
+    from scipy.optimize import minimize
+
+    counts, base, *_ = ensemble(6, seed=11, background=2.0, counts=(30.0, 60.0))
+    counts = counts + np.random.default_rng(5).poisson(0.3 * base)  # model 15 % low
+    valid = np.ones_like(counts, bool)
+    start = np.tile([40.0, 15.0, 15.0], (6, 1))
+
+    def fit(**kw):
+        return likelihood.fit_sources(counts, base, valid, start, SIGMA, max_shift=3, **kw)
+
+    fixed, free = fit(), fit(fit_background=True)
+    prior = fit(fit_background=True, background_prior=0.1)
+    assert np.all(fixed.ts >= prior.ts - 1e-6) and np.all(prior.ts >= free.ts - 1e-6)
+    np.testing.assert_allclose(fit(fit_background=True, background_prior=1e6).ts, free.ts)
+    tight = fit(fit_background=True, background_prior=1e-6)
+    np.testing.assert_allclose(tight.ts, fixed.ts, rtol=1e-5)
+
+    def negative(theta, i):
+        a, x, y, beta = theta
+        mu = (
+            beta * base[i]
+            + likelihood.source_images(
+                np.array([a]), np.array([x]), np.array([y]), np.array([SIGMA]), base.shape[1:]
+            )[0]
+        )
+        return -(np.sum(counts[i] * np.log(mu) - mu) - 0.5 * ((beta - 1) / 0.1) ** 2)
+
+    for i in range(6):
+        best = minimize(
+            negative,
+            prior.params[i] * 1.02,
+            args=(i,),
+            method="Nelder-Mead",
+            options={"xatol": 1e-7, "fatol": 1e-9, "maxiter": 20000},
+        )
+        assert -best.fun <= prior.loglike[i] + 1e-5  # the fit stops at 1e-5 in log L
+        np.testing.assert_allclose(prior.params[i], best.x, rtol=1e-3, atol=1e-3)
