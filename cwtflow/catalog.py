@@ -28,9 +28,8 @@ error; sigma_psf is the PSF's Gaussian sigma):
   (5 PSF sigmas), ``mu = beta B + (other sources) + a G``, G a pixel-integrated Gaussian of
   sigma ``sqrt(sigma_psf^2 + extension^2)``; position, expected counts ``a`` (and extension)
   maximise the Poisson likelihood with the other sources fixed, in sweeps; ``beta`` is the
-  background model's local normalisation: fitted on each window with a Gaussian prior of mean
-  1 and the model's error measured on the map (default, ``fit_background="measured"``,
-  `cwtflow.background_error`), 1 (``False``: the model as given) or free (``True``).
+  background model's local normalisation: 1 (default; the background model as given) or
+  fitted on each window (``fit_background``).
   Candidates converging within ``min_separation`` of a higher-TS one are dropped.
 - ``ts``: ``2 (log L - log L0)`` of the point-source fit against ``mu0 = beta0 B + (other
   sources)``, ``beta0`` 1 or, with ``fit_background``, refitted without the source (the
@@ -70,7 +69,6 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import ndimage
 
 from . import core, peaks
-from .background_error import measured_background_error
 from .catalog_table import CATALOG_COLUMNS, assemble_table, empty_table
 from .checks import flag, number
 from .errors import InputError, ParameterError
@@ -85,7 +83,7 @@ from .psf import (
     as_angle,
     as_psf,
 )
-from .refine import POINT_WINDOW, Windows, refine
+from .refine import Windows, refine
 
 __all__ = ["CATALOG_COLUMNS", "find_sources"]
 
@@ -252,7 +250,7 @@ def find_sources(
     contrast: float = 0.2,
     min_separation: u.Quantity | None = None,
     fit_extension: bool = True,
-    fit_background: bool | str = "measured",
+    fit_background: bool = False,
     kernels: CWTKernels | None = None,
 ) -> QTable:
     """Catalog of the sources in a CWT result, refined by a Poisson likelihood fit.
@@ -282,13 +280,11 @@ def find_sources(
         ``MIN_SEPARATION_PER_SIGMA`` (2) PSF sigmas.
     fit_extension : bool
         Also fit a Gaussian extension (``extension``, ``ts_ext``, ``extended``).
-    fit_background : bool or "measured"
-        The background model's normalisation on each fit window: ``"measured"`` fits it
-        with a Gaussian prior whose width is the model's error measured on the map's
-        source-free windows (`cwtflow.background_error`: an exact model stays fixed, a poor
-        one floats); ``False`` keeps the model as given, ``True`` lets it float freely (on
-        simulations, ``docs/psf_rule.md``, a free normalisation absorbs part of a faint
-        source's counts and finds fewer sources at the same false-detection rate).
+    fit_background : bool
+        Let the background model's normalisation float on each fit window, with and without
+        the source. Off by default: on simulations (``docs/psf_rule.md``) the floating
+        normalisation absorbs part of a faint source's counts and finds fewer sources at the
+        same false-detection rate, with the background model exact or off by 10-20 %.
     kernels : CWTKernels, optional
         The run's kernels, when the result's attrs do not record them (they must match the
         result's ``scale`` coordinate).
@@ -305,10 +301,6 @@ def find_sources(
     if not (_is_real(contrast) and 0 <= contrast < 1):
         raise ParameterError(f"contrast must be in [0, 1), got {contrast!r}")
     deblend = flag("deblend", deblend)
-    if not (fit_background == "measured" or isinstance(fit_background, bool)):
-        raise ParameterError(
-            f'fit_background must be True, False or "measured", got {fit_background!r}'
-        )
     kernels = _run_kernels(result, kernels)
     wcs = wcs_from_attrs(result.attrs).celestial
     pixel_size = float(np.mean(proj_plane_pixel_scales(wcs)))
@@ -370,20 +362,13 @@ def find_sources(
             seeds.append((label, box, sources, i))
             windows.append(_window(cut, box, sources.x[i], sources.y[i], half))
 
-    prior, n_blocks = math.inf, 0
-    if fit_background == "measured" and seeds:
-        centres = [(s.y[i] + box[0], s.x[i] + box[2]) for _, box, s, i in seeds]
-        half_point = math.ceil(POINT_WINDOW * psf_pix) + 1
-        prior, n_blocks = measured_background_error(
-            arrays["counts"], arrays["background"], np.array(centres), half_point
-        )
     table = _refined_table(
         seeds,
         windows,
         psf_pix,
         sep_pix,
         max_extension,
-        (fit_extension, bool(fit_background) and prior > 0, prior),
+        (fit_extension, fit_background),
         wrap,
         shape,
         wcs,
@@ -404,16 +389,12 @@ def find_sources(
             "PSFSIGMA": float(psf_pix * pixel_size),  # deg
             "PSFFROM": psf_from,
             "FITEXT": bool(fit_extension),
-            "FITBKG": str(fit_background),
+            "FITBKG": bool(fit_background),
             "TSEXT": EXTENDED_TS,
             "NISLAND": int(n),
             "NCAND": len(seeds),
         }
     )
-    if fit_background == "measured":  # the measured error (none: too few blocks, free)
-        table.meta["BKGBLOCK"] = n_blocks
-        if math.isfinite(prior):
-            table.meta["BKGERR"] = prior
     if len(table) == 0:
         warnings.warn(
             f"no sources found: {n} support islands, {len(seeds)} candidates, none with a "
@@ -465,7 +446,7 @@ def _refined_table(
     kernels,
     min_significance,
 ) -> QTable:
-    fit_extension, fit_background, background_prior = fits
+    fit_extension, fit_background = fits
     frame = _frame(wcs)
     if not seeds:
         return empty_table(frame)
@@ -495,7 +476,6 @@ def _refined_table(
         max_extension=max_extension,
         fit_extension=fit_extension,
         fit_background=fit_background,
-        background_prior=background_prior,
         period=shape[1] if wrap else None,
     )
     keep = fit.keep & (np.sqrt(fit.ts) >= min_significance) & np.isfinite(fit.x_err)

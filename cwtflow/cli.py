@@ -58,9 +58,6 @@ if TYPE_CHECKING:  # heavy modules load when a command needs them: `cwtflow --he
 
 __all__ = ["DEMO_FILES", "cli", "main"]
 
-#: ``--fit-background`` choices and the `cwtflow.find_sources` values they stand for.
-_BACKGROUND_FITS: dict[str, bool | str] = {"measured": "measured", "fixed": False, "free": True}
-
 # --------------------------------------------------------------------------------------------
 # Error handling: one line on stderr, no traceback
 
@@ -345,13 +342,10 @@ def info(result: Path) -> None:
     help="Also fit a Gaussian extension to every source.",
 )
 @click.option(
-    "--fit-background",
-    type=click.Choice(list(_BACKGROUND_FITS)),
-    default="measured",
+    "--fit-background/--fixed-background",
+    default=CATALOG_DEFAULTS["fit_background"],
     show_default=True,
-    callback=lambda ctx, param, value: _BACKGROUND_FITS[value],
-    help="The background model's normalisation on each fit window: fitted with the model's "
-    "error measured on the map as its prior (measured), as given (fixed), or free.",
+    help="Let the background model's normalisation float on each fit window.",
 )
 @click.option(
     "--deblend/--no-deblend",

@@ -31,7 +31,7 @@ CATALOG_DEFAULTS: dict[str, Any] = {
     "contrast": 0.2,
     "min_separation": None,
     "fit_extension": True,
-    "fit_background": "measured",
+    "fit_background": False,
 }
 
 #: Kernel defaults of the command line: the CWT tutorial's (`CWTKernels` itself has none).

@@ -129,36 +129,25 @@ def _clip(params: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarra
 
 
 def _null_scale(
-    counts: np.ndarray,
-    background: np.ndarray,
-    others: np.ndarray,
-    valid: np.ndarray,
-    prior: float = math.inf,
+    counts: np.ndarray, background: np.ndarray, others: np.ndarray, valid: np.ndarray
 ) -> np.ndarray:
-    """Best background scale without the source: ``max_beta sum(C ln(beta b + o) - beta b)
-    - (beta - 1)^2 / (2 prior^2)`` (concave; safeguarded Newton steps from the moment
-    estimate)."""
+    """Best background scale without the source: ``max_beta sum(C ln(beta b + o) - beta b)``
+    (concave; safeguarded Newton steps from the moment estimate)."""
     w = valid.astype(np.float64)
     b_sum = np.sum(w * background, axis=(1, 2))
     c_sum = np.sum(w * counts, axis=(1, 2))
     o_sum = np.sum(w * others, axis=(1, 2))
-    precision = 1.0 / prior**2
     beta = np.clip((c_sum - o_sum) / np.maximum(b_sum, _FLOOR), 0.05, 20.0)
     for _ in range(30):
         mu = np.maximum(beta[:, None, None] * background + others, _FLOOR)
-        g = np.sum(w * (counts / mu - 1.0) * background, axis=(1, 2)) - precision * (beta - 1)
-        h = -np.sum(w * counts * background**2 / mu**2, axis=(1, 2)) - precision
+        g = np.sum(w * (counts / mu - 1.0) * background, axis=(1, 2))
+        h = -np.sum(w * counts * background**2 / mu**2, axis=(1, 2))
         step = np.where(h < 0, -g / np.minimum(h, -_FLOOR), 0.0)
         beta = np.clip(beta + step, 0.5 * beta, 2.0 * beta)
         beta = np.clip(beta, 1e-3, 1e3)
         if np.all(np.abs(step) <= 1e-8 * beta):
             break
     return beta
-
-
-def _penalty(beta: np.ndarray, prior: float) -> np.ndarray:
-    """The log prior ``-(beta - 1)^2 / (2 prior^2)`` of the background scale."""
-    return -0.5 * ((beta - 1.0) / prior) ** 2
 
 
 def fit_sources(
@@ -170,7 +159,6 @@ def fit_sources(
     *,
     others: np.ndarray | None = None,
     fit_background: bool = False,
-    background_prior: float = math.inf,
     extended: bool = False,
     max_shift: float,
     max_extension: float = 0.0,
@@ -195,9 +183,6 @@ def fit_sources(
         Also fit a scale ``beta`` of ``background`` on the window (the last parameter), with
         and without the source: a diffuse model that is locally off by a factor does not make
         a source. Without it ``beta = 1``.
-    background_prior : float
-        With ``fit_background``: the relative rms of the background model's error, a Gaussian
-        prior on ``beta`` (mean 1) in both fits; infinite (the default) lets ``beta`` free.
     extended : bool
         Fit ``v`` (a Gaussian extension) too.
     max_shift : float
@@ -224,12 +209,11 @@ def fit_sources(
         lower = np.column_stack([lower, np.zeros(k)])
         upper = np.column_stack([upper, np.full(k, max_extension**2)])
     if fit_background:
-        beta0 = _null_scale(counts, background, others, valid, background_prior)
+        beta0 = _null_scale(counts, background, others, valid)
         theta = np.column_stack([theta, beta0])
         lower = np.column_stack([lower, np.full(k, 1e-3)])
         upper = np.column_stack([upper, np.full(k, 1e3)])
         loglike0 = _loglike(counts, beta0[:, None, None] * background + others, valid)
-        loglike0 += _penalty(beta0, background_prior)
     else:
         loglike0 = _loglike(counts, background + others, valid)
     p = theta.shape[1]
@@ -240,15 +224,9 @@ def fit_sources(
             th, background[idx], others[idx], psf_sigma, extended, jacobian, fit_background
         )
 
-    def penalty(th):
-        return _penalty(th[:, -1], background_prior) if fit_background else 0.0
-
-    # the prior's terms of the gradient and information of beta (zero when free or fixed)
-    precision = np.zeros(p)
-    precision[-1] = 1.0 / background_prior**2 if fit_background else 0.0
     everything = np.arange(k)
     mu, _ = model(theta, everything, False)
-    loglike = _loglike(counts, mu, valid) + penalty(theta)
+    loglike = _loglike(counts, mu, valid)
     damping = np.full(k, 1e-3)
     converged = np.zeros(k, dtype=bool)
     eye = np.eye(p)
@@ -264,15 +242,14 @@ def fit_sources(
         w = weight[idx]
         jf = jac.reshape(idx.size, p, -1)
         resid = (w * (counts[idx] / mu - 1.0)).reshape(idx.size, -1)
-        grad = np.matmul(jf, resid[:, :, None])[:, :, 0] - precision * (th - 1.0)
+        grad = np.matmul(jf, resid[:, :, None])[:, :, 0]
         info = np.matmul(jf * (w / mu).reshape(idx.size, 1, -1), jf.transpose(0, 2, 1))
-        info += np.diag(precision)
         diag = np.einsum("kpp->kp", info)
         lhs = info + damping[idx, None, None] * diag[:, :, None] * eye + 1e-12 * eye
         step = np.linalg.solve(lhs, grad[:, :, None])[:, :, 0]
         trial = _clip(th + step, lower[idx], upper[idx])
         mu_t, _ = model(trial, idx, False)
-        ll_t = _loglike(counts[idx], mu_t, valid[idx]) + penalty(trial)
+        ll_t = _loglike(counts[idx], mu_t, valid[idx])
         better = ll_t >= loglike[idx]
         gain = ll_t - loglike[idx]
         theta[idx[better]] = trial[better]
@@ -288,7 +265,6 @@ def fit_sources(
     mu = np.maximum(mu, _FLOOR)
     jf = jac.reshape(k, p, -1)
     info = np.matmul(jf * (weight / mu).reshape(k, 1, -1), jf.transpose(0, 2, 1))
-    info += np.diag(precision)
     cov = np.full((k, p, p), np.nan)
     ok = np.isfinite(info).all(axis=(1, 2)) & (np.linalg.cond(info) < 1e14)
     if ok.any():

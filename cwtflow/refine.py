@@ -136,7 +136,6 @@ def refine(
     max_extension: float,
     fit_extension: bool = True,
     fit_background: bool = True,
-    background_prior: float = math.inf,
     period: int | None = None,
 ) -> Refined:
     """Fit every candidate (see the module docstring).
@@ -158,9 +157,6 @@ def refine(
     fit_background : bool
         Fit a local scale of the background model on every window (with and without the
         source; `cwtflow.likelihood.fit_sources`).
-    background_prior : float
-        The relative rms of the background model's error: the prior width of that scale
-        (infinite: free).
     period : int, optional
         Map width when x wraps around (all-sky maps).
     """
@@ -187,7 +183,6 @@ def refine(
             psf_sigma=psf_sigma,
             max_shift=max_shift,
             fit_background=fit_background,
-            background_prior=background_prior,
         )
         params = point.params[:, :3].copy()
         params[:, 1:] += origin[:, ::-1] + shift
@@ -209,7 +204,6 @@ def refine(
             "psf_sigma": psf_sigma,
             "max_shift": max_shift,
             "fit_background": fit_background,
-            "background_prior": background_prior,
         }
         # the point model refitted on the whole window, for a like-for-like TS_ext
         whole = _batched_fit(

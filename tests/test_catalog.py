@@ -20,7 +20,7 @@ from cwtflow import peaks
 from cwtflow import psf as PSF_MODULE
 from cwtflow.catalog import CATALOG_COLUMNS, find_sources
 from cwtflow.catalog_files import read_catalog, write_catalog
-from cwtflow.errors import InputError, ParameterError, StoreError
+from cwtflow.errors import InputError, StoreError
 
 KERNELS = cwtflow.CWTKernels(n_scale=2, min_scale=1.5, step_scale=2.0)
 
@@ -511,17 +511,6 @@ def test_cli_catalog_from_fits_and_zarr_results(tmp_path, three_sources, stored_
     np.testing.assert_allclose(v(got["flux"]), v(expected["flux"]), rtol=1e-9)
     bare = invoke("catalog", store, "-o", tmp_path / "b.ecsv", "--psf", "0.15", "--overwrite")
     assert bare.exit_code != 0 and "give an angle" in bare.output
-    # --fit-background names the three fits of the background normalisation
-    for choice, value in (("fixed", False), ("free", True)):
-        run = invoke(
-            "catalog", state, "-o", tmp_path / f"{choice}.ecsv", "--fit-background", choice
-        )
-        assert run.exit_code == 0, run.output
-        expected = find_sources(result, fit_background=value)
-        got = read_catalog(tmp_path / f"{choice}.ecsv")
-        np.testing.assert_allclose(v(got["ts"]), v(expected["ts"]), rtol=1e-12)
-    wrong = invoke("catalog", state, "-o", tmp_path / "w.ecsv", "--fit-background", "yes")
-    assert wrong.exit_code != 0 and "--fit-background" in wrong.output
 
 
 @pytest.mark.slow
@@ -580,17 +569,3 @@ def test_cli_catalog_with_nothing_found_warns_and_writes_the_empty_catalog(tmp_p
     assert run_.stderr.startswith("cwtflow: warning: no sources found")
     assert run_.stdout.strip() == f"wrote {out} (0 sources)"
     assert [c for c in read_catalog(out).colnames if c != "sky_centroid"] == list(CATALOG_COLUMNS)
-
-
-def test_background_fit_choices(three_sources):
-    """The default measures the model's error on the map's source-free blocks; too few of
-    them (this small map) measure nothing and the normalisation floats freely."""
-    _, result = three_sources
-    measured = find_sources(result)
-    assert measured.meta["FITBKG"] == "measured" and measured.meta["BKGBLOCK"] < 20
-    assert "BKGERR" not in measured.meta
-    np.testing.assert_allclose(
-        v(measured["ts"]), v(find_sources(result, fit_background=True)["ts"]), rtol=1e-12
-    )
-    with pytest.raises(ParameterError, match="fit_background"):
-        find_sources(result, fit_background="auto")

@@ -51,7 +51,6 @@ VARIANTS = {
     # name: (CWT options, find_sources options, cwtflow.refine constants)
     "float": ({}, {"fit_background": True}),
     "fixed": ({}, {"fit_background": False}),
-    "measured": ({}, {"fit_background": "measured"}),
     "float_win4": ({}, {"fit_background": True}, {"POINT_WINDOW": 4.0}),
     "float_win7": ({}, {"fit_background": True}, {"POINT_WINDOW": 7.0}),
     "float_win9": ({}, {"fit_background": True}, {"POINT_WINDOW": 9.0}),
