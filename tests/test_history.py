@@ -528,7 +528,10 @@ class TileGraphs(Callback):
             self.sizes.append((len(dsk), tiles))
 
 
-@pytest.mark.parametrize(("wrap", "shape", "tiles"), [(False, (45, 44), 20), (True, (20, 44), 8)])
+@pytest.mark.parametrize(
+    ("wrap", "shape", "tiles"),
+    [pytest.param(False, (45, 44), 20, marks=pytest.mark.slow), (True, (20, 44), 8)],
+)
 def test_store_iterations_are_one_task_per_tile(tmp_path, wrap, shape, tiles):
     """Independent tiles (no island threshold): an iteration is one task per tile, which
     reads its windows from the store, and the stored history equals the in-memory run's
@@ -550,6 +553,7 @@ def test_store_iterations_are_one_task_per_tile(tmp_path, wrap, shape, tiles):
         assert_same_state(stored, kept, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_resume_with_tiles_across_store_chunks(tmp_path):
     """Resumed with tiles whose edges are not chunk edges of the store, an iteration is not
     written tile by tile (two tasks would share chunks) but through one graph: same result."""

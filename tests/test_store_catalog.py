@@ -81,6 +81,7 @@ def test_not_a_store_is_refused(tmp_path):
         write_store_catalog(tmp_path / "nothing.zarr", Table())
 
 
+@pytest.mark.slow
 def test_cli_keeps_the_catalog_in_the_store(run, tmp_path):
     """A kept catalog is written out again as it is; a catalog option or --recompute finds the
     sources again, and replacing the kept catalog then needs --overwrite."""

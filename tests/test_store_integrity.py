@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,11 +142,19 @@ TAMPERING = {
 }
 
 
-@pytest.fixture
-def tampered(tmp_path, maps, request):
-    path = tmp_path / "run.zarr"
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, maps):
+    """One intact two-iteration store; each tampering test edits its own copy."""
+    path = tmp_path_factory.mktemp("pristine") / "run.zarr"
     make_cwt(2).analyze(maps, store=path, chunks=CHUNKS)
     assert cwtflow.verify_store(path).chunks > 0
+    return path
+
+
+@pytest.fixture
+def tampered(tmp_path, pristine, request):
+    path = tmp_path / "run.zarr"
+    shutil.copytree(pristine, path)
     tamper, message = TAMPERING[request.param]
     tamper(path)
     return path, message
@@ -202,6 +211,7 @@ def test_reader_of_a_pruned_group_is_told_to_reopen(tmp_path, maps, reference):
     assert_state_equals(open_history(path).state(3), reference[1][3])
 
 
+@pytest.mark.slow
 def test_replaced_store_is_not_read_through_an_old_history(tmp_path, maps, random_maps):
     path = tmp_path / "run.zarr"
     make_cwt(2).analyze(maps, store=path, chunks=CHUNKS)

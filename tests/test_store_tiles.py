@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,6 +66,7 @@ def test_windows_read_through_the_cache_equal_the_array(
         )
 
 
+@pytest.mark.slow
 def test_constant_plane_is_written_once(tmp_path: Path) -> None:
     """approx_bkg, constant after iteration 1, is the same files in every later group (hard
     links): written once, checksums and manifests intact, values equal."""

@@ -209,6 +209,7 @@ def test_bad_inputs_write_nothing(sky: dict, tmp_path: Path) -> None:
         survey.run(sky["events"], sky["background"], sky["exposure"], out=out)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_one_line(sky: dict, tmp_path: Path) -> None:
     out = tmp_path / "sky.zarr"
     proc = subprocess.run(
