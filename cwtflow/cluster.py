@@ -39,9 +39,6 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-import dask
-import numpy as np
-import xarray as xr
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
@@ -75,7 +72,6 @@ __all__ = [
     "dashboard_link",
     "local_security",
     "open_client",
-    "scatter_maps",
     "start_local_cluster",
     "write_tls_credentials",
 ]
@@ -167,33 +163,6 @@ def start_local_cluster(
         dashboard_address=f"{host}:0",
         scheduler_kwargs={"dashboard": dashboard},
     )
-
-
-def scatter_maps(client: Client, data: xr.Dataset, chunks: dict[str, int]) -> xr.Dataset:
-    """``data`` with its numpy maps on (y, x) cut into tiles of ``chunks`` and the tiles
-    scattered to the workers: dask arrays over the tiles' futures. A graph built on them
-    names the tiles instead of holding their pixels (numpy inside a graph goes through the
-    scheduler with every computation: "Sending large graph")."""
-    import dask.array as da
-
-    ny, nx = data.sizes["y"], data.sizes["x"]
-    ys, xs = da.core.normalize_chunks((chunks.get("y", ny), chunks.get("x", nx)), (ny, nx))
-    y0, x0 = np.cumsum((0, *ys)), np.cumsum((0, *xs))
-    out = data.copy()
-    for name, var in data.data_vars.items():
-        if var.dims != ("y", "x") or not isinstance(var.data, np.ndarray):
-            continue
-        tiles = [
-            [var.data[y0[i] : y0[i + 1], x0[j] : x0[j + 1]] for j in range(len(xs))]
-            for i in range(len(ys))
-        ]
-        futures = client.scatter([t for row in tiles for t in row])
-        blocks = [
-            [da.from_delayed(dask.delayed(futures.pop(0)), t.shape, t.dtype) for t in row]
-            for row in tiles
-        ]
-        out[name] = var.copy(data=da.block(blocks))
-    return out
 
 
 def _scheduler_has_bokeh() -> bool:

@@ -210,9 +210,10 @@ class CWT:
             Called with an `IterationInfo` after every iteration (logging, progress bars).
         client : distributed.Client, optional
             Run this call on that cluster (its scheduler serves every computation of the call;
-            see `cwtflow.cluster.open_client`); always tiled (in-memory ``data`` without
-            ``chunks``: `CLUSTER_TILE` pixels). In-memory ``data`` is written to ``store`` or
-            else scattered, and its result (and ``history``) gathered back into numpy.
+            see `cwtflow.cluster.open_client`). The run is always tiled: an in-memory ``data``
+            without ``chunks`` is cut into tiles of `CLUSTER_TILE` pixels per axis, and the
+            result (and ``history``) of an in-memory ``data`` without ``store`` is gathered back
+            into numpy; a dask-backed result stays on the cluster (compute it with the client).
 
         Returns
         -------
@@ -250,7 +251,8 @@ class CWT:
                 overwrite=overwrite,
                 callback=callback,
             )
-        # a lazy input's pixels are checked by the computation that first reads them
+        # a lazy input's pixels are checked in the computation that first reads them (the
+        # sink's start: the store's input write, or the persist of the initial state)
         lazy_input = isinstance(data, xr.Dataset) and _is_lazy(data)
         data = validate_layout(data) if lazy_input else validate_maps(data)
         tiles = _tiles(data, chunks)  # counted before chunking: 1e6 chunks take a while
@@ -286,7 +288,8 @@ class CWT:
             infos: list[IterationInfo] = list(done)
             while len(infos) < self.max_iter and not (infos and infos[-1].converged):
                 k = len(infos) + 1
-                # one task per tile reads, computes, writes (`ZarrSink.write_tiles`)
+                # a store already holds the previous state: one task per tile reads its
+                # windows, computes and writes (`ZarrSink.write_tiles`), when tiles are local
                 work = step.tile_work(sink.chunks) if isinstance(sink, ZarrSink) else None
                 if work is None:
                     new, moments = step(state)
@@ -314,11 +317,7 @@ class CWT:
             raise InputError(f"client must be a distributed.Client, got {type(client).__name__}")
         in_memory = isinstance(data, xr.Dataset) and not _is_lazy(data)
         if chunks is None and in_memory:
-            chunks = _chunk_spec(CLUSTER_TILE)
-        if in_memory and store is None:
-            from .cluster import scatter_maps
-
-            data = scatter_maps(client, validate_maps(data), chunks)
+            chunks = CLUSTER_TILE
         # the client itself stays out of dask's config: a LocalCluster's nannies copy the config
         # into every worker process they (re)start, and a Client cannot be pickled
         with client.as_current(), dask.config.set(scheduler="dask.distributed"):

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dask
-import dask.array
 import numpy as np
 import psutil
 import pytest
@@ -406,29 +405,6 @@ def test_cluster_run_numpy_input_default_tiles(
         result = CWT(KERNELS, max_iter=2, tol=0).analyze(small_sky, client=client)
     assert bar.done > 2 * 4  # tiles really ran as tasks on the cluster
     assert_states_equal(result, small_expected)
-
-
-def test_cluster_run_numpy_input_scattered_not_in_graphs(
-    client: Client, small_sky: xr.Dataset, small_expected: xr.Dataset
-) -> None:
-    """Numpy maps without a store go to the workers once (scattered tiles): no graph of the
-    run carries them (dask warns about any graph above the threshold, set below one map)."""
-    import warnings
-
-    nbytes = small_sky["counts"].nbytes
-    with (
-        dask.config.set({"distributed.admin.large-graph-warning-threshold": nbytes // 2}),
-        warnings.catch_warnings(record=True) as caught,
-    ):
-        warnings.simplefilter("always")
-        result = CWT(KERNELS, max_iter=2, tol=0).analyze(small_sky, chunks=(64, 80), client=client)
-    assert not [w for w in caught if "large graph" in str(w.message)]
-    assert_states_equal(result, small_expected)
-    with (
-        dask.config.set({"distributed.admin.large-graph-warning-threshold": nbytes // 2}),
-        pytest.warns(UserWarning, match="large graph"),
-    ):  # the check can fail: a map inside a graph does warn
-        client.compute(dask.array.from_array(small_sky["counts"].values, chunks=64).sum()).result()
 
 
 def test_cluster_run_numpy_input_into_store(
