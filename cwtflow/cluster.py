@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+import dask
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
@@ -279,7 +280,9 @@ def open_client(
     no_worker_timeout : float, optional
         Fail once the cluster has had no worker, or its scheduler has not answered, for this
         many seconds while the block runs (default 60, or the environment variable
-        ``CWTFLOW_NO_WORKER_TIMEOUT``).
+        ``CWTFLOW_NO_WORKER_TIMEOUT``). A local cluster also waits as long for a worker its
+        nanny restarts before giving the worker up (distributed's lost-worker timeout, 15 s,
+        is shorter than a restart on a loaded machine can take).
     echo : callable, optional
         Receives one line describing the cluster (address, workers, dashboard), e.g. ``print``.
 
@@ -317,7 +320,8 @@ def open_client(
     timeout = _seconds(timeout, CONNECT_TIMEOUT_ENV, _CONNECT_TIMEOUT)
     no_worker_timeout = _seconds(no_worker_timeout, NO_WORKER_TIMEOUT_ENV, NO_WORKER_TIMEOUT)
     cluster: LocalCluster | None = None
-    with quiet_logs():
+    lost = {"distributed.deploy.lost-worker-timeout": f"{no_worker_timeout}s"}
+    with quiet_logs(), dask.config.set(lost if workers is not None else {}):
         if workers is not None:
             _check_count("workers", workers)
             try:

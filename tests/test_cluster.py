@@ -201,12 +201,17 @@ def test_open_client_refuses_bad_options(tmp_path: Path) -> None:
 
 def test_open_client_starts_and_stops_loopback_workers() -> None:
     lines: list[str] = []
-    with open_client(workers=1, echo=lines.append) as c:
+    key = "distributed.deploy.lost-worker-timeout"
+    default = dask.config.get(key)
+    with open_client(workers=1, echo=lines.append, no_worker_timeout=75) as c:
+        # a worker its nanny restarts is waited for as long as the run waits for any worker
+        assert dask.config.get(key) == "75.0s" != default
         assert c.scheduler.address.startswith("tls://127.0.0.1:")
         (pid,) = worker_pids(c).values()
         assert listening_hosts(pid) <= {"127.0.0.1"}
     assert "1 worker," in lines[0]
     assert_gone(pid)
+    assert dask.config.get(key) == default
 
 
 # --- security: only the run's credentials open the cluster --------------------------------
