@@ -39,7 +39,7 @@ from scipy.sparse.csgraph import connected_components
 from . import core
 from .errors import InputError
 
-__all__ = ["clean_support", "label_components"]
+__all__ = ["clean_support", "keep_table", "label_components", "tile_kept", "tile_labels"]
 
 
 class _Report(NamedTuple):
@@ -365,3 +365,32 @@ def clean_support(
         dtype=bool,
         meta=np.empty((0,) * mask.ndim, dtype=bool),
     )
+
+
+# --- the same steps for tasks that each hold one tile (`cwtflow.store_tiles`) ----------------
+
+
+def tile_labels(sig: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-2 on one tile of significance planes (n_scale, ty, tx): its labels of ``sig >
+    threshold`` and its report for `keep_table`."""
+    local = _label_block(sig > threshold)
+    return local, _block_report(local, sig)
+
+
+def keep_table(
+    reports: list[list[np.ndarray]], cleaning: core.Cleaning, *, wrap_x: bool
+) -> np.ndarray:
+    """Step 3 and the island rule: the reports of `tile_labels` (rows of tiles, C order) joined
+    into the table `tile_kept` reads."""
+    grid = np.empty((len(reports), len(reports[0])), dtype=object)
+    for i, j in np.ndindex(grid.shape):
+        grid[i, j] = reports[i][j].reshape(-1)[0]
+    return _keep_table(_join(grid, wrap_x=wrap_x), cleaning=cleaning)
+
+
+def tile_kept(
+    local: np.ndarray, table: np.ndarray, n_bx: int, block_id: tuple[int, int]
+) -> np.ndarray:
+    """Step 4 on one tile: its kept pixels (bool, the shape of ``local``); ``n_bx`` tiles per
+    row, ``block_id`` (i, j) of the tile."""
+    return _keep_block(local, table, n_bx=n_bx, block_id=block_id)

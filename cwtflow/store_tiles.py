@@ -1,4 +1,5 @@
-"""One iteration of a run's zarr store computed and written tile by tile: one task per tile.
+"""One iteration of a run's zarr store computed and written tile by tile: one task per tile
+(an island threshold adds a labelling pass and one join).
 
 `cwtflow.store_writer.ZarrSink.write_tiles` creates the group of iteration ``k`` (metadata
 only), then `compute_tiles` runs one task per tile (`store_tile`) that
@@ -13,7 +14,16 @@ only), then `compute_tiles` runs one task per tile (`store_tile`) that
 
 The store is the halo exchange: the graph holds one task per tile and nothing else, no array
 travels between tasks or back to the driver, and a worker's memory holds the tiles it is
-computing, whatever the size of the map. Tasks run wherever dask runs them (threads, or the
+computing, whatever the size of the map.
+
+An island threshold keeps a component only if its maximum significance reaches it, and a
+component may cross tiles: then each tile first computes its uncleaned planes and labels its
+significant pixels (`tile_components`, `cwtflow.labels.tile_labels`), keeping both on its
+worker and returning a report of its borders, sizes and maxima; one task joins the reports
+(`cwtflow.labels.keep_table`: never a map); the tile's `store_tile` then takes its kept
+pixels (`cwtflow.labels.tile_kept`) and writes as above. Four tasks per tile (two of them
+dask's getitems) and one per iteration; the planes cross between workers only where dask
+runs the two tasks of a tile apart. Tasks run wherever dask runs them (threads, or the
 workers of a cluster sharing the store's file system).
 
 A window touches its tile's chunk and the eight around it, and zarr decodes whole chunks: read
@@ -40,6 +50,7 @@ import numpy as np
 import zarr
 
 from .halo import window
+from .labels import keep_table, tile_kept, tile_labels
 from .tiled import TileWork
 
 __all__ = [
@@ -50,6 +61,7 @@ __all__ = [
     "carry_chunks",
     "compute_tiles",
     "store_tile",
+    "tile_components",
 ]
 
 #: Bytes of decoded chunks each process keeps for the windows of its tile tasks.
@@ -127,24 +139,88 @@ def compute_tiles(
 ) -> np.ndarray:
     """Compute and write every tile of group ``group`` from group ``previous``; the residual
     moments per tile, (n_tiles_y, n_tiles_x, 4). ``digests``: the digests of the complete
-    groups read (``inputs`` and ``previous``), the cache's keys."""
+    groups read (``inputs`` and ``previous``), the cache's keys.
+
+    With an island threshold each tile takes two tasks around one join: `tile_components`
+    (the planes, kept on the worker, and the labels' report), `cwtflow.labels.keep_table` on
+    the reports alone, then `store_tile` with the tile's kept pixels."""
     edges = [np.cumsum([0, *axis]).tolist() for axis in work.chunks]
     shape = (len(work.chunks[0]), len(work.chunks[1]))
+    token = dask.base.tokenize(path, group, work)
+
+    def tile(i: int, j: int) -> tuple[slice, slice]:
+        return slice(edges[0][i], edges[0][i + 1]), slice(edges[1][j], edges[1][j + 1])
+
+    common = (path, previous, group)
+    joined: dict[tuple[int, int], Any] = {}
+    table = None
+    if not work.cleaning.local:
+        for i, j in np.ndindex(*shape):
+            joined[i, j] = dask.delayed(tile_components, pure=False, nout=2)(
+                *common, tile(i, j), work, digests, dask_key_name=f"tile-labels-{token}-{i}-{j}"
+            )
+        table = dask.delayed(keep_table, pure=False)(
+            [[joined[i, j][1] for j in range(shape[1])] for i in range(shape[0])],
+            work.cleaning,
+            wrap_x=work.wrap,
+            dask_key_name=f"tile-join-{token}",
+        )
     tasks = [
         dask.delayed(store_tile, pure=False)(
-            path,
-            previous,
-            group,
-            (slice(edges[0][i], edges[0][i + 1]), slice(edges[1][j], edges[1][j + 1])),
+            *common,
+            tile(i, j),
             (i, j),
             work,
             digests,
-            dask_key_name=f"store-tile-{dask.base.tokenize(path, group, work)}-{i}-{j}",
+            None if table is None else (joined[i, j][0], table),
+            dask_key_name=f"store-tile-{token}-{i}-{j}",
         )
         for i, j in np.ndindex(*shape)
     ]
     (values,) = dask.compute(tasks)
     return np.array(values, dtype=np.float64).reshape(*shape, -1)
+
+
+def _windows(
+    path: str, previous: str, tile: tuple[slice, slice], work: TileWork, digests: dict[str, str]
+) -> list[np.ndarray]:
+    """The tile's windows of counts, background, model and approx (through `CACHE`)."""
+    return [
+        window(
+            CachedArray(
+                zarr.open_array(store=path, path=f"{where}/{name}", mode="r"),
+                (path, where, digests[where], name),
+            ),
+            *tile,
+            work.depth,
+            work.wrap,
+        )
+        for where, name in (
+            ("inputs", "counts"),
+            ("inputs", "background"),
+            (previous, "model"),
+            (previous, "approx"),
+        )
+    ]
+
+
+def tile_components(
+    path: str,
+    previous: str,
+    group: str,
+    tile: tuple[slice, slice],
+    work: TileWork,
+    digests: dict[str, str],
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]:
+    """First pass of a tile with an island threshold: ``((planes, labels, approx_bkg),
+    report)``, the uncleaned planes of its interior (`TileWork.planes`), the labels of its
+    significant pixels and their report (`cwtflow.labels.tile_labels`)."""
+    counts, background, model, approx = _windows(path, previous, tile, work, digests)
+    planes = work.planes(counts, background, model, approx)
+    n = work.n_scale
+    local, report = tile_labels(planes[2 * n : 3 * n], work.cleaning.threshold)
+    approx_bkg = work.approx_background(background)
+    return (planes, local, approx_bkg), report
 
 
 def store_tile(
@@ -155,27 +231,25 @@ def store_tile(
     block_id: tuple[int, int],
     work: TileWork,
     digests: dict[str, str],
+    joined: tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray] | None = None,
 ) -> np.ndarray:
     """One tile (rows and columns ``tile``, index ``block_id``): read its windows from the
-    store, run ``work``, write its chunks of group ``group``; returns its residual moments."""
+    store, run ``work``, write its chunks of group ``group``; returns its residual moments.
+    With an island threshold ``joined`` holds the tile's first pass (`tile_components`) and
+    the table of kept components (`cwtflow.labels.keep_table`)."""
 
     def array(where: str, name: str, mode: str = "r") -> Any:
         return zarr.open_array(store=path, path=f"{where}/{name}", mode=mode)
 
-    def cached(where: str, name: str) -> CachedArray:
-        return CachedArray(array(where, name), (path, where, digests[where], name))
-
-    windows = [
-        window(cached(where, name), *tile, work.depth, work.wrap)
-        for where, name in (
-            ("inputs", "counts"),
-            ("inputs", "background"),
-            (previous, "model"),
-            (previous, "approx"),
-        )
-    ]
     support = array(previous, "support")[(slice(None), *tile)]
-    arrays, moments = work(*windows, support, block_id)
+    if joined is None:
+        arrays, moments = work(*_windows(path, previous, tile, work, digests), support, block_id)
+    else:
+        (planes, local, approx_bkg), table = joined
+        kept = tile_kept(local, table, len(work.chunks[1]), block_id)
+        model = array(previous, "model")[tile]
+        counts = array("inputs", "counts")[tile]
+        arrays, moments = work.finish(planes, kept, model, support, counts, approx_bkg)
     if "approx_bkg" not in arrays:  # constant: the previous group's chunk files
         carry_chunks(path, previous, group, "approx_bkg", tile)
     for name, values in arrays.items():

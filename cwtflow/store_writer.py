@@ -11,9 +11,9 @@ Each iteration's state is read back lazily from the store, so the dask graph of 
 iteration starts from stored chunks and does not grow with the number of iterations; the
 residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the write.
 
-A tiled iteration whose tiles are independent (`cwtflow.tiled.TileWork`, no island threshold) is
-written by `ZarrSink.write_tiles`: the group's metadata here, then one task per tile
-(`cwtflow.store_tiles`).
+A tiled iteration (`cwtflow.tiled.TileWork`) is written by `ZarrSink.write_tiles`: the group's
+metadata here, then one task per tile (`cwtflow.store_tiles`; an island threshold adds a
+labelling pass per tile and one join).
 
 Resuming checks that the store was written by this cwtflow version and format, with the same
 parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and the

@@ -19,7 +19,9 @@ its neighbours' inputs), and the whole iteration of a tile is one function of it
 `TiledStep.tile_work` gives it (`TileWork`), so that a store, which already holds the inputs and
 the previous state, runs one task per tile that reads its windows (`cwtflow.halo.window`),
 computes, and writes its part of the new state: no halo pieces, no intermediate arrays and no
-per-variable tasks in the graph. The same functions make both paths' numbers.
+per-variable tasks in the graph. With an island threshold `TileWork` splits the tile's work in
+two around the join of the components (`TileWork.planes`, `TileWork.finish`; see
+`cwtflow.store_tiles`). The same functions make both paths' numbers.
 
 ``approx_bkg = conv(B, G)`` is constant: the first call computes it (`core.convolve_approx`
 per tile); later calls take it from the materialised state they are given.
@@ -217,15 +219,18 @@ def _tile_update(model: np.ndarray, support: np.ndarray, transform: np.ndarray) 
 
 @dataclass(frozen=True)
 class TileWork:
-    """One iteration of one tile as a single function of its windows (no island threshold).
+    """One iteration of one tile as functions of its windows.
 
+    Without an island threshold (``cleaning.local``) one call does it all:
     ``work(counts, background, model, approx, support, block_id) -> (arrays, moments)``:
     ``counts`` ... ``approx`` are the tile's windows with ``depth`` pixels of halo
     (`cwtflow.halo.window`, periodic in x with ``wrap``), ``support`` the previous support of
     the interior; ``arrays`` holds the interior of every variable of the new state that
     changes (with ``approx_bkg`` when ``approx_bkg`` is set), ``moments`` its
-    `core.residual_moments`. ``chunks``: the (y, x) tiles; ``block_id``: (i, j) of the tile.
-    Picklable: the kernels travel as their parameters.
+    `core.residual_moments`. With an island threshold the components are joined across tiles
+    in between: `planes` (the uncleaned planes of the interior), then, with the tile's kept
+    pixels (`cwtflow.labels.tile_kept`), `finish`. ``chunks``: the (y, x) tiles;
+    ``block_id``: (i, j) of the tile. Picklable: the kernels travel as their parameters.
     """
 
     chunks: tuple[tuple[int, ...], tuple[int, ...]]
@@ -258,11 +263,42 @@ class TileWork:
             n_blocks=(len(self.chunks[0]), len(self.chunks[1])),
             block_id=(0, *block_id),
         )
+        inner = self.interior(counts.shape)
+        kept = planes[2 * n : 3 * n] > 0.5
+        approx_bkg = self.approx_background(background)
+        return self.finish(planes, kept, model[inner], support, counts[inner], approx_bkg)
+
+    def interior(self, shape: tuple[int, ...]) -> tuple[slice, slice]:
+        """The tile inside a window of ``shape``."""
         dy, dx = self.depth
-        inner = (slice(dy, counts.shape[0] - dy), slice(dx, counts.shape[1] - dx))
+        return slice(dy, shape[0] - dy), slice(dx, shape[1] - dx)
+
+    def approx_background(self, background: np.ndarray) -> np.ndarray | None:
+        """``approx_bkg`` of the interior in the first iteration (it is constant), else None."""
+        return _tile_approx(background, **self.tile_kwargs) if self.approx_bkg else None
+
+    def planes(
+        self, counts: np.ndarray, background: np.ndarray, model: np.ndarray, approx: np.ndarray
+    ) -> np.ndarray:
+        """(3 n_scale + 1, ty, tx): T, E, the significance S and A of the interior, uncleaned."""
+        return _tile_iteration(counts, background, model, approx, **self.tile_kwargs)
+
+    def finish(
+        self,
+        planes: np.ndarray,
+        kept: np.ndarray,
+        model: np.ndarray,
+        support: np.ndarray,
+        counts: np.ndarray,
+        approx_bkg: np.ndarray | None,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(arrays, moments)`` of the tile from its ``planes``, its cleaned significant
+        pixels ``kept`` and the interiors of the previous ``model``, ``support`` and
+        ``counts`` (``approx_bkg``: the first iteration's, else None)."""
+        n = self.n_scale
         transform, new_approx = planes[:n], planes[3 * n]
-        support = support | (planes[2 * n : 3 * n] > 0.5)
-        transform_2d, new_model = core.update_model(model[inner], support, transform)
+        support = support | kept
+        transform_2d, new_model = core.update_model(model, support, transform)
         arrays = {
             "model": new_model,
             "approx": new_approx,
@@ -271,9 +307,9 @@ class TileWork:
             "error": planes[n : 2 * n],
             "support": support,
         }
-        if self.approx_bkg:
-            arrays["approx_bkg"] = _tile_approx(background, **self.tile_kwargs)
-        moments = core.residual_moments(counts[inner], new_model, new_approx, support)
+        if approx_bkg is not None:
+            arrays["approx_bkg"] = approx_bkg
+        moments = core.residual_moments(counts, new_model, new_approx, support)
         return arrays, moments
 
 
@@ -353,13 +389,12 @@ class TiledStep:
         self._approx_bkg_known = False
 
     def tile_work(self, align: tuple[int, int]) -> TileWork | None:
-        """The next iteration as one function per tile (`TileWork`), or None when the
-        iteration needs a global step (an island threshold) or when a tile edge is not a
-        multiple of ``align`` (the store's chunks: tiles written apart must not share a
+        """The next iteration as functions of one tile (`TileWork`), or None when a tile edge
+        is not a multiple of ``align`` (the store's chunks: tiles written apart must not share a
         chunk). Returning work counts as taking the step: ``approx_bkg`` is computed by the
         first iteration only."""
         edges = [np.cumsum(axis)[:-1] for axis in self.work_chunks]
-        if not self.local_clean or any((e % a).any() for e, a in zip(edges, align, strict=True)):
+        if any((e % a).any() for e, a in zip(edges, align, strict=True)):
             return None
         work = TileWork(
             chunks=self.work_chunks,
@@ -368,8 +403,8 @@ class TiledStep:
             n_scale=self.kernels.n_scale,
             approx_bkg=not self._approx_bkg_known,
             tile_kwargs=self._tile_kwargs,
-            cleaning=self._clean_kwargs["cleaning"],
-            ring=self._clean_kwargs["ring"],
+            cleaning=self.cleaning,
+            ring=self._clean_kwargs.get("ring", (False, False)),
         )
         self._approx_bkg_known = True
         return work

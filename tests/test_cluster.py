@@ -429,6 +429,23 @@ def test_cluster_run_numpy_input_into_store(
     assert_states_equal(result, small_expected)
 
 
+def test_cluster_run_with_island_threshold_into_store(
+    client: Client, small_sky: xr.Dataset, tmp_path: Path
+) -> None:
+    """With an island threshold the components are joined across tiles on the cluster: tile
+    tasks, their label reports and one join per iteration; the result is the in-memory run's."""
+    from distributed import get_task_stream
+
+    cwt = CWT(KERNELS, max_iter=2, tol=0, significance_island_threshold=4.0)
+    expected = cwt.analyze(small_sky)
+    with get_task_stream(client) as stream:
+        result = cwt.analyze(small_sky, chunks=(64, 80), store=tmp_path / "run.zarr", client=client)
+    names = {str(task["key"]).split("-")[0] for task in stream.data}
+    assert {"store", "tile"} <= names <= {"store", "tile", "getitem"}
+    assert sum("tile-join" in str(task["key"]) for task in stream.data) == 2
+    assert_states_equal(result, expected)
+
+
 def test_client_must_be_a_client(small_sky: xr.Dataset) -> None:
     with pytest.raises(InputError, match=r"distributed\.Client"):
         CWT(KERNELS).analyze(small_sky, client="tcp://127.0.0.1:8786")

@@ -553,6 +553,35 @@ def test_store_iterations_are_one_task_per_tile(tmp_path, wrap, shape, tiles):
         assert_same_state(stored, kept, rtol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("wrap", "shape", "tiles"),
+    [pytest.param(False, (45, 44), 20, marks=pytest.mark.slow), (True, (20, 44), 8)],
+)
+def test_store_iterations_with_island_threshold_take_four_tasks_per_tile(
+    tmp_path, wrap, shape, tiles
+):
+    """With an island threshold the components are joined across tiles: per tile a first
+    pass (planes kept on the worker, labels reported), two getitems, one join for the whole
+    map, then the tile's writing task; the history equals the in-memory run's."""
+    counts, background = random_arrays(5, shape)
+    wcs = default_wcs(shape, binsz=360.0 / shape[1] if wrap else 0.1)
+    maps = cwtflow.make_maps(counts, background, wcs)
+    small = cwtflow.CWTKernels(1, 1.0, 2.0)
+    options = {"max_iter": 3, "tol": 0.0, "keep_history": True}
+    cwt = cwtflow.CWT(small, significance_island_threshold=4.0, **options)
+    expected = cwt.analyze(maps)
+    expected_history = cwt.history
+    plain = cwtflow.CWT(small, **options).analyze(maps)
+    assert not np.array_equal(plain["support"], expected["support"])  # the threshold matters
+    graphs = TileGraphs()
+    with graphs:
+        result = cwt.analyze(maps, chunks=(9, 11), store=tmp_path / "run.zarr")
+    assert graphs.sizes == [(4 * tiles + 1, tiles)] * 3
+    assert_same_state(result, expected, rtol=1e-10)
+    for stored, kept in zip(cwt.history, expected_history, strict=True):
+        assert_same_state(stored, kept, rtol=1e-10)
+
+
 @pytest.mark.slow
 def test_resume_with_tiles_across_store_chunks(tmp_path):
     """Resumed with tiles whose edges are not chunk edges of the store, an iteration is not
