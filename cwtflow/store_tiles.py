@@ -18,11 +18,12 @@ computing, whatever the size of the map.
 
 An island threshold keeps a component only if its maximum significance reaches it, and a
 component may cross tiles: then each tile first computes its uncleaned planes and labels its
-significant pixels (`tile_components`, `cwtflow.labels.tile_labels`), keeping both on its
-worker and returning a report of its borders, sizes and maxima; one task joins the reports
+significant pixels (`tile_components`, `cwtflow.labels.tile_labels`), writes the variables
+the cleaning does not change (T, E, A), and keeps the labels (one int32 plane per scale) on
+its worker, returning a report of their borders, sizes and maxima; one task joins the reports
 (`cwtflow.labels.keep_table`: never a map); the tile's `store_tile` then takes its kept
 pixels (`cwtflow.labels.tile_kept`) and writes as above. Four tasks per tile (two of them
-dask's getitems) and one per iteration; the planes cross between workers only where dask
+dask's getitems) and one per iteration; the labels cross between workers only where dask
 runs the two tasks of a tile apart. Tasks run wherever dask runs them (threads, or the
 workers of a cluster sharing the store's file system).
 
@@ -187,10 +188,7 @@ def _windows(
     """The tile's windows of counts, background, model and approx (through `CACHE`)."""
     return [
         window(
-            CachedArray(
-                zarr.open_array(store=path, path=f"{where}/{name}", mode="r"),
-                (path, where, digests[where], name),
-            ),
+            CachedArray(_open(path, where, name), (path, where, digests[where], name)),
             *tile,
             work.depth,
             work.wrap,
@@ -211,16 +209,16 @@ def tile_components(
     tile: tuple[slice, slice],
     work: TileWork,
     digests: dict[str, str],
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]:
-    """First pass of a tile with an island threshold: ``((planes, labels, approx_bkg),
-    report)``, the uncleaned planes of its interior (`TileWork.planes`), the labels of its
-    significant pixels and their report (`cwtflow.labels.tile_labels`)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """First pass of a tile with an island threshold: writes the variables the cleaning does
+    not change (`TileWork.plane_arrays`) and returns the labels of the tile's significant
+    pixels and their report (`cwtflow.labels.tile_labels`)."""
     counts, background, model, approx = _windows(path, previous, tile, work, digests)
     planes = work.planes(counts, background, model, approx)
     n = work.n_scale
     local, report = tile_labels(planes[2 * n : 3 * n], work.cleaning.threshold)
-    approx_bkg = work.approx_background(background)
-    return (planes, local, approx_bkg), report
+    _write(path, group, tile, work.plane_arrays(planes, background))
+    return local, report
 
 
 def store_tile(
@@ -231,31 +229,39 @@ def store_tile(
     block_id: tuple[int, int],
     work: TileWork,
     digests: dict[str, str],
-    joined: tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray] | None = None,
+    joined: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """One tile (rows and columns ``tile``, index ``block_id``): read its windows from the
     store, run ``work``, write its chunks of group ``group``; returns its residual moments.
-    With an island threshold ``joined`` holds the tile's first pass (`tile_components`) and
-    the table of kept components (`cwtflow.labels.keep_table`)."""
-
-    def array(where: str, name: str, mode: str = "r") -> Any:
-        return zarr.open_array(store=path, path=f"{where}/{name}", mode=mode)
-
-    support = array(previous, "support")[(slice(None), *tile)]
+    With an island threshold ``joined`` holds the tile's labels (`tile_components`, which
+    wrote the rest of the tile) and the table of kept components
+    (`cwtflow.labels.keep_table`)."""
+    support = _open(path, previous, "support")[(slice(None), *tile)]
     if joined is None:
         arrays, moments = work(*_windows(path, previous, tile, work, digests), support, block_id)
     else:
-        (planes, local, approx_bkg), table = joined
+        local, table = joined
         kept = tile_kept(local, table, len(work.chunks[1]), block_id)
-        model = array(previous, "model")[tile]
-        counts = array("inputs", "counts")[tile]
-        arrays, moments = work.finish(planes, kept, model, support, counts, approx_bkg)
-    if "approx_bkg" not in arrays:  # constant: the previous group's chunk files
+        transform = _open(path, group, "transform_3d")[(slice(None), *tile)]
+        approx = _open(path, group, "approx")[tile]
+        model = _open(path, previous, "model")[tile]
+        counts = _open(path, "inputs", "counts")[tile]
+        arrays, moments = work.finish(transform, approx, kept, model, support, counts)
+    if not work.approx_bkg:  # constant after the first iteration: the previous group's files
         carry_chunks(path, previous, group, "approx_bkg", tile)
-    for name, values in arrays.items():
-        out = array(group, name, "r+").with_config({"write_empty_chunks": True})
-        out[(Ellipsis, *tile)] = values
+    _write(path, group, tile, arrays)
     return np.asarray(moments, dtype=np.float64)
+
+
+def _open(path: str, where: str, name: str, mode: str = "r") -> Any:
+    return zarr.open_array(store=path, path=f"{where}/{name}", mode=mode)
+
+
+def _write(path: str, group: str, tile: tuple[slice, slice], arrays: dict[str, Any]) -> None:
+    """Write the tile's part of each array of group ``group``."""
+    for name, values in arrays.items():
+        out = _open(path, group, name, "r+").with_config({"write_empty_chunks": True})
+        out[(Ellipsis, *tile)] = values
 
 
 def carry_chunks(path: str, source: str, target: str, name: str, tile: tuple[slice, slice]) -> None:

@@ -228,9 +228,10 @@ class TileWork:
     the interior; ``arrays`` holds the interior of every variable of the new state that
     changes (with ``approx_bkg`` when ``approx_bkg`` is set), ``moments`` its
     `core.residual_moments`. With an island threshold the components are joined across tiles
-    in between: `planes` (the uncleaned planes of the interior), then, with the tile's kept
-    pixels (`cwtflow.labels.tile_kept`), `finish`. ``chunks``: the (y, x) tiles;
-    ``block_id``: (i, j) of the tile. Picklable: the kernels travel as their parameters.
+    in between: `planes` (the uncleaned planes of the interior, whose `plane_arrays` are
+    final), then, with the tile's kept pixels (`cwtflow.labels.tile_kept`), `finish`.
+    ``chunks``: the (y, x) tiles; ``block_id``: (i, j) of the tile. Picklable: the kernels
+    travel as their parameters.
     """
 
     chunks: tuple[tuple[int, ...], tuple[int, ...]]
@@ -264,18 +265,17 @@ class TileWork:
             block_id=(0, *block_id),
         )
         inner = self.interior(counts.shape)
+        arrays = self.plane_arrays(planes, background)
         kept = planes[2 * n : 3 * n] > 0.5
-        approx_bkg = self.approx_background(background)
-        return self.finish(planes, kept, model[inner], support, counts[inner], approx_bkg)
+        changed, moments = self.finish(
+            planes[:n], planes[3 * n], kept, model[inner], support, counts[inner]
+        )
+        return arrays | changed, moments
 
     def interior(self, shape: tuple[int, ...]) -> tuple[slice, slice]:
         """The tile inside a window of ``shape``."""
         dy, dx = self.depth
         return slice(dy, shape[0] - dy), slice(dx, shape[1] - dx)
-
-    def approx_background(self, background: np.ndarray) -> np.ndarray | None:
-        """``approx_bkg`` of the interior in the first iteration (it is constant), else None."""
-        return _tile_approx(background, **self.tile_kwargs) if self.approx_bkg else None
 
     def planes(
         self, counts: np.ndarray, background: np.ndarray, model: np.ndarray, approx: np.ndarray
@@ -283,34 +283,33 @@ class TileWork:
         """(3 n_scale + 1, ty, tx): T, E, the significance S and A of the interior, uncleaned."""
         return _tile_iteration(counts, background, model, approx, **self.tile_kwargs)
 
+    def plane_arrays(self, planes: np.ndarray, background: np.ndarray) -> dict[str, np.ndarray]:
+        """The variables of the new state that the cleaning does not change: ``transform_3d``,
+        ``error``, ``approx`` (and ``approx_bkg``, constant, in the first iteration, from the
+        tile's ``background`` window)."""
+        n = self.n_scale
+        arrays = {"transform_3d": planes[:n], "error": planes[n : 2 * n], "approx": planes[3 * n]}
+        if self.approx_bkg:
+            arrays["approx_bkg"] = _tile_approx(background, **self.tile_kwargs)
+        return arrays
+
     def finish(
         self,
-        planes: np.ndarray,
+        transform: np.ndarray,
+        approx: np.ndarray,
         kept: np.ndarray,
         model: np.ndarray,
         support: np.ndarray,
         counts: np.ndarray,
-        approx_bkg: np.ndarray | None,
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """``(arrays, moments)`` of the tile from its ``planes``, its cleaned significant
-        pixels ``kept`` and the interiors of the previous ``model``, ``support`` and
-        ``counts`` (``approx_bkg``: the first iteration's, else None)."""
-        n = self.n_scale
-        transform, new_approx = planes[:n], planes[3 * n]
+        """The variables the cleaning changes (``model``, ``transform_2d``, ``support``) and
+        the moments, from the tile's new ``transform`` and ``approx``, its cleaned significant
+        pixels ``kept`` and the interiors of the previous ``model``, ``support`` and of
+        ``counts``."""
         support = support | kept
         transform_2d, new_model = core.update_model(model, support, transform)
-        arrays = {
-            "model": new_model,
-            "approx": new_approx,
-            "transform_2d": transform_2d,
-            "transform_3d": transform,
-            "error": planes[n : 2 * n],
-            "support": support,
-        }
-        if approx_bkg is not None:
-            arrays["approx_bkg"] = approx_bkg
-        moments = core.residual_moments(counts, new_model, new_approx, support)
-        return arrays, moments
+        moments = core.residual_moments(counts, new_model, approx, support)
+        return {"model": new_model, "transform_2d": transform_2d, "support": support}, moments
 
 
 class TiledStep:
