@@ -57,6 +57,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="threads of the tiled run")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--float32", action="store_true", help="also run the float32 engine")
+    parser.add_argument(
+        "--island", type=float, default=None, help="island threshold (the labelling path)"
+    )
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
@@ -73,6 +76,8 @@ def make_input(size: int, chunks: int, folder: Path) -> Path:
 
 def estimator(args: argparse.Namespace, dtype: str | None) -> CWT:
     options: dict[str, Any] = {"max_iter": args.iterations, "tol": 0.0}
+    if args.island is not None:
+        options["significance_island_threshold"] = args.island
     if dtype is not None:
         options["dtype"] = dtype
     return CWT(CWTKernels(2, 3.0, 1.5), **options)
