@@ -143,8 +143,9 @@ def compute_tiles(
     groups read (``inputs`` and ``previous``), the cache's keys.
 
     With an island threshold each tile takes two tasks around one join: `tile_components`
-    (the planes, kept on the worker, and the labels' report), `cwtflow.labels.keep_table` on
-    the reports alone, then `store_tile` with the tile's kept pixels."""
+    (writes T, E, A; its labels stay on the worker, their report goes to the join),
+    `cwtflow.labels.keep_table` on the reports alone, then `store_tile` with the tile's kept
+    pixels."""
     edges = [np.cumsum([0, *axis]).tolist() for axis in work.chunks]
     shape = (len(work.chunks[0]), len(work.chunks[1]))
     token = dask.base.tokenize(path, group, work)
