@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
-import threading
 from pathlib import Path
 
 __all__ = ["MMAP_THRESHOLD", "heap_for_large_arrays"]
@@ -39,9 +39,6 @@ MMAP_THRESHOLD = 32 * 2**20
 _M_MMAP_THRESHOLD, _M_TOP_PAD = -3, -2
 #: Environment variables that freeze glibc's dynamic mmap threshold when set.
 _FREEZING = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-
-_lock = threading.Lock()
-_done: list[bool] = []
 
 
 def _start_environment() -> dict[str, str]:
@@ -64,18 +61,13 @@ def _frozen_by_environment() -> bool:
     return any(name in env for name in _FREEZING)
 
 
+@functools.cache
 def heap_for_large_arrays() -> bool:
     """Set glibc's mmap threshold and top pad to `MMAP_THRESHOLD` if the environment froze the
-    threshold at 128 KiB (see the module docstring); once per process. Returns whether this
-    process's threshold is (now) set by this function."""
-    with _lock:
-        if not _done:
-            _done.append(_set() if sys.platform.startswith("linux") else False)
-        return _done[0]
-
-
-def _set() -> bool:
-    if not _frozen_by_environment():
+    threshold at 128 KiB (see the module docstring); once per process (two threads racing
+    the first call both set the same values). Returns whether this process's threshold is
+    (now) set by this function."""
+    if not sys.platform.startswith("linux") or not _frozen_by_environment():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

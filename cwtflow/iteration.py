@@ -156,10 +156,10 @@ class Step(Protocol):
     def __call__(self, state: xr.Dataset) -> tuple[xr.Dataset, Any]: ...
 
     def tile_work(self, align: tuple[int, int]) -> Any:
-        """The next iteration as one function per tile (`cwtflow.tiled.TileWork`) for a sink
-        that holds the previous state and runs it tile by tile, or None (whole map, a global
-        labelling step, or tile edges that are not multiples of the sink's chunks ``align``);
-        taking it counts as taking the step."""
+        """The next iteration as functions of one tile (`cwtflow.tiled.TileWork`) for a sink
+        that holds the previous state and runs it tile by tile, or None (whole map, or tile
+        edges that are not multiples of the sink's chunks ``align``); taking it counts as
+        taking the step."""
         ...
 
 

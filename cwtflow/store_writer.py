@@ -273,8 +273,7 @@ class ZarrSink:
         if state.attrs.get("iteration") != k - 1 or not done:
             raise StoreError(f"{self.path}: iteration {k - 1} is not the complete state given")
         self._new_group(k)
-        ds, target = self._group_dataset(k, state)
-        ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+        self._group_write(k, state)  # the arrays' metadata; the tile tasks write the chunks
         digests = {name: group_digest(self.path, name) for name in ("inputs", previous)}
         moments = compute_tiles(str(self.path), previous, group_name(k), work, digests)
         return self._open_state(k), moments
@@ -411,9 +410,9 @@ class ZarrSink:
             raise StoreError(f"{self.path}: iteration {k} is already complete; not overwriting it")
         delete_group(self.path, name)
 
-    def _group_dataset(self, k: int, state: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
-        """The variables of group ``k`` from ``state`` on the store's chunks, and the
-        ``to_zarr`` target of the group."""
+    def _group_write(self, k: int, state: xr.Dataset) -> Any:
+        """Create group ``k`` for the non-input variables of ``state`` (on the store's
+        chunks); returns the delayed write of their chunks."""
         ds = state[list(ITERATION_VARS)].drop_vars(
             [c for c in state.coords if c != "scale"], errors="ignore"
         )
@@ -423,14 +422,12 @@ class ZarrSink:
         ds.attrs = {"iteration": k, "wcs": dict(self.data.attrs["wcs"])}
         target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
         target.update(WRITE_OPTIONS)
-        return ds, target
+        return ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
 
     def _write_group(self, k: int, state: xr.Dataset, moments: Any = None) -> np.ndarray | None:
         """Write the non-input variables of ``state`` as group ``k``; returns ``moments``
         computed with the write (numpy)."""
-        ds, target = self._group_dataset(k, state)
-        write = ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
-        _, moments = dask.compute(write, moments)
+        _, moments = dask.compute(self._group_write(k, state), moments)
         return None if moments is None else np.asarray(moments)
 
     def _mark(self, k: int, attrs: dict[str, Any]) -> None:

@@ -209,15 +209,22 @@ def test_bad_inputs_write_nothing(sky: dict, tmp_path: Path) -> None:
         survey.run(sky["events"], sky["background"], sky["exposure"], out=out)
 
 
+def run_survey_cli(counts: Path, sky: dict, out: Path, *options: str):
+    """``cwtflow survey COUNTS --background ... --psf 1.5deg --binsz 1deg OPTIONS --out OUT``
+    in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-c", CLI, "survey", str(counts), "--background",
+         str(sky["background"]), "--psf", "1.5deg", "--binsz", "1deg", *options,
+         "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_cli_bad_input_one_line(sky: dict, tmp_path: Path) -> None:
     out = tmp_path / "sky.zarr"
-    proc = subprocess.run(
-        [sys.executable, "-c", CLI, "survey", str(sky["background"]), "--background",
-         str(sky["background"]), "--psf", "1.5deg", "--binsz", "1deg", "--nside", "1",
-         "--max-distortion", "0.5", "--emin", "1000", "--out", str(out)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    options = ("--nside", "1", "--max-distortion", "0.5", "--emin", "1000")
+    proc = run_survey_cli(sky["background"], sky, out, *options)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("cwtflow: error: ")
     assert "energy cut needs an event list" in proc.stderr
@@ -228,12 +235,7 @@ def test_cli_bad_input_one_line(sky: dict, tmp_path: Path) -> None:
 def test_cli_kernel_options_need_min_scale(sky: dict, tmp_path: Path) -> None:
     """Without --min-scale the kernels follow from --psf: --n-scale alone is refused."""
     out = tmp_path / "sky.zarr"
-    proc = subprocess.run(
-        [sys.executable, "-c", CLI, "survey", str(sky["events"]), "--background",
-         str(sky["background"]), "--psf", "1.5deg", "--binsz", "1deg", "--n-scale", "3",
-         "--out", str(out)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    proc = run_survey_cli(sky["events"], sky, out, "--n-scale", "3")
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         "cwtflow: error: --n-scale and --step-scale need --min-scale (without them the "
