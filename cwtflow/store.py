@@ -47,6 +47,7 @@ writer since, is a `StoreError`, never fill values.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,30 @@ def unmark(path: Path, name: str) -> None:
     attrs = dict(group.attrs)
     attrs.pop(COMPLETE, None)
     group.attrs.put(attrs)
+
+
+def copy_layout(path: Path, source: str, target: str, attrs: dict[str, Any]) -> None:
+    """Create group ``target`` (absent) laid out as group ``source``: the same arrays with the
+    same metadata, the chunks of its coordinates (hard links, or copies where the file system
+    has none: chunk files are only ever replaced, never rewritten in place), no chunks of the
+    `ITERATION_VARS` (their writers' job); group attrs ``attrs``. What writing the next state's
+    metadata through xarray creates, for a few file operations instead of ~0.1 s."""
+    zarr.create_group(store=str(path), path=target, attributes=json_value(attrs))
+    for entry in sorted((path / source).iterdir()):
+        if not (entry / "zarr.json").is_file():
+            continue
+        if entry.name in ITERATION_VARS:
+            (path / target / entry.name).mkdir()
+            shutil.copyfile(entry / "zarr.json", path / target / entry.name / "zarr.json")
+        else:
+            shutil.copytree(entry, path / target / entry.name, copy_function=_link)
+
+
+def _link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # no hard links here
+        shutil.copyfile(source, target)
 
 
 def delete_group(path: Path, name: str) -> None:

@@ -2,7 +2,8 @@
 (an island threshold adds a labelling pass and one join).
 
 `cwtflow.store_writer.ZarrSink.write_tiles` creates the group of iteration ``k`` (metadata
-only), then `compute_tiles` runs one task per tile (`store_tile`) that
+only: the previous group's, `cwtflow.store.copy_layout`), then `compute_tiles` runs one task
+per tile (`store_tile`) that
 
 1. reads its windows of the inputs and of iteration ``k - 1`` from the store
    (`cwtflow.halo.window`: the halo, zeros beyond the map, periodic in x on an all-sky map),

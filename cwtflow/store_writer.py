@@ -53,6 +53,7 @@ from .store import (
     clear_store,
     complete_iterations,
     compose_state,
+    copy_layout,
     delete_group,
     expected_variables,
     group_name,
@@ -273,7 +274,8 @@ class ZarrSink:
         if state.attrs.get("iteration") != k - 1 or not done:
             raise StoreError(f"{self.path}: iteration {k - 1} is not the complete state given")
         self._new_group(k)
-        self._group_write(k, state)  # the arrays' metadata; the tile tasks write the chunks
+        # the arrays' metadata (those of the previous group); the tile tasks write the chunks
+        copy_layout(self.path, previous, group_name(k), self._group_attrs(k))
         digests = {name: group_digest(self.path, name) for name in ("inputs", previous)}
         moments = compute_tiles(str(self.path), previous, group_name(k), work, digests)
         return self._open_state(k), moments
@@ -419,10 +421,14 @@ class ZarrSink:
         ds = self._rechunk(ds.drop_encoding()).assign_coords(
             grid_coords(wcs_from_attrs(self.data.attrs), self.shape)
         )
-        ds.attrs = {"iteration": k, "wcs": dict(self.data.attrs["wcs"])}
+        ds.attrs = self._group_attrs(k)
         target = {"store": str(self.path), "group": group_name(k), "consolidated": False}
         target.update(WRITE_OPTIONS)
         return ds.to_zarr(**target, mode="w-", compute=False, encoding=self._encoding(ds))
+
+    def _group_attrs(self, k: int) -> dict[str, Any]:
+        """The attrs of iteration group ``k`` until it is complete."""
+        return {"iteration": k, "wcs": dict(self.data.attrs["wcs"])}
 
     def _write_group(self, k: int, state: xr.Dataset, moments: Any = None) -> np.ndarray | None:
         """Write the non-input variables of ``state`` as group ``k``; returns ``moments``

@@ -542,7 +542,7 @@ def test_store_iterations_are_one_task_per_tile(tmp_path, wrap, shape, tiles):
     small = cwtflow.CWTKernels(1, 1.0, 2.0)  # halo 8 (+1 for the cleaning): tiles of 9 x 11
     cwt = cwtflow.CWT(small, max_iter=3, tol=0.0, keep_history=True)
     assert cwt.wraps(maps) == wrap
-    expected = cwt.analyze(maps)
+    expected = cwt.analyze(maps, store=tmp_path / "memory.zarr")  # written through xarray
     expected_history = cwt.history
     graphs = TileGraphs()
     with graphs:
@@ -551,6 +551,26 @@ def test_store_iterations_are_one_task_per_tile(tmp_path, wrap, shape, tiles):
     assert_same_state(result, expected, rtol=1e-10)
     for stored, kept in zip(cwt.history, expected_history, strict=True):
         assert_same_state(stored, kept, rtol=1e-10)
+    # the tile tasks' groups are laid out as xarray lays out the in-memory run's (their
+    # metadata is the previous group's, copied): the same arrays, metadata and attrs but chunks
+    for k in range(1, 4):
+        tiled, chunks = group_layout(tmp_path / "run.zarr", k)
+        assert tiled == group_layout(tmp_path / "memory.zarr", k)[0]
+        assert chunks["model"] == [9, 11] and chunks["support"] == [1, 9, 11]
+
+
+def group_layout(path: Path, k: int) -> tuple[dict, dict]:
+    """Every array's metadata in iteration group ``k`` but its chunk shape, with the group's
+    attrs (their names, iteration and sky grid: the rest are statistics); the chunk shapes."""
+    group = path / "iterations" / f"{k:04d}"
+    attrs = iteration_attrs(path, k)
+    layout: dict = {"attrs": [sorted(attrs), attrs["iteration"], attrs["wcs"]]}
+    chunks = {}
+    for meta in group.glob("*/zarr.json"):
+        doc = json.loads(meta.read_text())
+        chunks[meta.parent.name] = doc.pop("chunk_grid")["configuration"]["chunk_shape"]
+        layout[meta.parent.name] = doc
+    return layout, chunks
 
 
 @pytest.mark.parametrize(
