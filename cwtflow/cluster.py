@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -210,21 +211,44 @@ def _close_quietly(
     cluster: LocalCluster | None,
     timeout: float,
     cluster_timeout: float | None = None,
+    spare: frozenset[int] = frozenset(),
 ) -> None:
-    """Close ``client`` (and ``cluster``, waiting up to ``cluster_timeout`` for its processes)
-    after a failure, with distributed's and tornado's logs of this process muted meanwhile:
-    a worker being restarted while the cluster closes makes them log broken connections."""
+    """Close ``client`` (and ``cluster``, waiting up to ``cluster_timeout`` for its processes,
+    then killing its worker processes left, all but the pids ``spare``) after a failure, with
+    distributed's and tornado's logs of this process muted meanwhile: a worker being restarted
+    while the cluster closes makes them log broken connections."""
     with _muted("distributed", "tornado"):
         with contextlib.suppress(Exception):
             client.close(timeout=timeout)
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close(timeout=timeout if cluster_timeout is None else cluster_timeout)
+            _stop_worker_processes(spare)
+
+
+def _worker_processes() -> frozenset[int]:
+    """Process ids of the dask worker processes this process started (through its nannies)."""
+    children = multiprocessing.active_children()
+    return frozenset(p.pid for p in children if p.name == _WORKER_PROCESS and p.pid is not None)
+
+
+def _stop_worker_processes(spare: frozenset[int]) -> None:
+    """Kill the dask worker processes still alive but those in ``spare`` (alive before the
+    cluster started), and wait for them: a nanny restarting a worker while its cluster closes
+    (slow on a loaded machine) leaves a process that starts, finds the scheduler gone and
+    writes its traceback to our stderr, after the run's error line."""
+    for process in multiprocessing.active_children():
+        if process.name == _WORKER_PROCESS and process.pid not in spare:
+            process.kill()
+            process.join(timeout=10)
 
 
 @contextlib.contextmanager
 def _muted(*names: str) -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in names]
+    """Silence the loggers ``names`` and their children while the block runs (children too:
+    distributed's configuration gives some, ``tornado.application`` say, levels of their own)."""
+    known = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in names]
+    loggers = [logging.getLogger(name) for name in (*names, *known)]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)
@@ -234,6 +258,9 @@ def _muted(*names: str) -> Iterator[None]:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
+
+#: The name distributed gives the worker processes its nannies start.
+_WORKER_PROCESS = "Dask Worker process (from Nanny)"
 
 # --------------------------------------------------------------------------------------------
 # The client of a run
@@ -320,6 +347,7 @@ def open_client(
     timeout = _seconds(timeout, CONNECT_TIMEOUT_ENV, _CONNECT_TIMEOUT)
     no_worker_timeout = _seconds(no_worker_timeout, NO_WORKER_TIMEOUT_ENV, NO_WORKER_TIMEOUT)
     cluster: LocalCluster | None = None
+    spare = _worker_processes()  # any other cluster's, left alone by a close after a failure
     lost = {"distributed.deploy.lost-worker-timeout": f"{no_worker_timeout}s"}
     with quiet_logs(), dask.config.set(lost if workers is not None else {}):
         if workers is not None:
@@ -362,10 +390,10 @@ def open_client(
                     raise ClusterError(message) from exc
         except ClusterError:
             # the cluster's processes are waited for, so that none writes after the error
-            _close_quietly(client, cluster, min(timeout, 5.0), cluster_timeout=timeout)
+            _close_quietly(client, cluster, min(timeout, 5.0), timeout, spare)
             raise
         except BaseException:
-            _close_quietly(client, cluster, timeout)
+            _close_quietly(client, cluster, timeout, spare=spare)
             raise
         else:
             client.close()
