@@ -4,6 +4,7 @@ One simulated map (``--size``, Fermi-like statistics, `loaders.simulated_sky`) i
 a zarr input store; every run reads it from there and writes its history to a zarr store:
 
 - ``memory``: the in-memory engine (the input loaded into numpy first, outside the clock);
+- ``bare``: the same without a store (``memory - bare`` is what writing the history costs);
 - ``tiled``: tiles of ``--chunks`` on dask's threaded scheduler (``--threads`` threads);
 - ``dist1`` / ``dist2``: tiles on a `LocalCluster` of 1 and 2 single-threaded worker processes
   (started before the clock);
@@ -45,7 +46,7 @@ from loaders import simulated_sky
 from cwtflow import CWT, CWTKernels
 from cwtflow.cluster import start_local_cluster
 
-MODES = ("memory", "tiled", "dist1", "dist2")
+MODES = ("memory", "tiled", "dist1", "dist2", "bare")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -55,7 +56,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best)")
     parser.add_argument("--threads", type=int, default=1, help="threads of the tiled run")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES[:4]), choices=MODES)
     parser.add_argument("--float32", action="store_true", help="also run the float32 engine")
     parser.add_argument(
         "--island", type=float, default=None, help="island threshold (the labelling path)"
@@ -92,7 +93,7 @@ def run_once(
     dtype = "float32" if mode.endswith("32") else None
     base = mode.removesuffix("32")
     data = xr.open_zarr(source, consolidated=False)
-    if base == "memory":
+    if base in ("memory", "bare"):
         data = data.load()
     shutil.rmtree(store, ignore_errors=True)
     stamps = [time.perf_counter()]
@@ -101,7 +102,10 @@ def run_once(
         "store": store,
         "callback": lambda _: stamps.append(time.perf_counter()),
     }
-    if base == "tiled":
+    if base == "bare":
+        del kwargs["store"]
+        cwt.analyze(data, **kwargs)
+    elif base == "tiled":
         with dask.config.set(scheduler="threads", num_workers=args.threads):
             cwt.analyze(data, **kwargs)
     elif base == "memory":

@@ -464,6 +464,7 @@ class _InMemoryStep:
         self.spectra = core.kernel_spectra(settings.kernels, grid, settings.dtype)
         self.const = core.image_spectra(self.counts, self.background, shape=grid, workers=workers)
         self.approx_bkg = core.convolve_approx(self.background, self.spectra, workers=workers)
+        self.approx_bkg.flags.writeable = False  # constant: a store writes it once
 
     def tile_work(self, align: tuple[int, int]) -> None:
         """None: the whole map is one numpy array, there are no tiles to compute apart."""

@@ -61,6 +61,7 @@ from .store import (
     is_complete,
     iteration_dirs,
     json_value,
+    link_arrays,
     open_dataset,
     open_group,
     table_infos,
@@ -141,6 +142,7 @@ class ZarrSink:
         self.shape = (int(data.sizes["y"]), int(data.sizes["x"]))
         self.chunks = _store_chunks(data)
         self._inputs: xr.Dataset | None = None
+        self._written: dict[str, np.ndarray] = {}  # read-only planes of the last `write`
         self._table: list[dict[str, Any]] = []  # attrs of the iterations done, 1..k
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory (zarr store)")
@@ -257,7 +259,16 @@ class ZarrSink:
         moments as numpy.
         """
         self._new_group(k)
-        moments = self._write_group(k, state, moments)
+        # a read-only numpy plane written at k - 1 (approx_bkg, constant) is the same values:
+        # its files are shared with the previous group, not written again
+        same = [n for n, a in self._written.items() if n in state and state[n].data is a]
+        moments = self._write_group(k, state.drop_vars(same), moments)
+        link_arrays(self.path, group_name(k - 1), group_name(k), same)
+        self._written = {
+            n: a
+            for n in ITERATION_VARS
+            if isinstance(a := state[n].data, np.ndarray) and not a.flags.writeable
+        }
         return self._open_state(k), moments
 
     def write_tiles(
@@ -415,7 +426,7 @@ class ZarrSink:
     def _group_write(self, k: int, state: xr.Dataset) -> Any:
         """Create group ``k`` for the non-input variables of ``state`` (on the store's
         chunks); returns the delayed write of their chunks."""
-        ds = state[list(ITERATION_VARS)].drop_vars(
+        ds = state[[name for name in ITERATION_VARS if name in state]].drop_vars(
             [c for c in state.coords if c != "scale"], errors="ignore"
         )
         ds = self._rechunk(ds.drop_encoding()).assign_coords(
