@@ -117,6 +117,17 @@ def json_value(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-serialisable entries of ``attrs``."""
+    out = {}
+    for key, value in attrs.items():
+        try:
+            out[key] = json_value(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
 def group_name(k: int) -> str:
     return f"iterations/{k:04d}"
 
@@ -165,19 +176,32 @@ def unmark(path: Path, name: str) -> None:
     group.attrs.put(attrs)
 
 
-def copy_layout(path: Path, source: str, target: str, attrs: dict[str, Any]) -> None:
+def copy_layout(
+    path: Path, source: str, target: str, attrs: dict[str, Any], shared: Iterable[str] = ()
+) -> None:
     """Create group ``target`` (absent) laid out as group ``source``: the same arrays with the
-    same metadata, the chunks of its coordinates (hard links, or copies where the file system
-    has none: chunk files are only ever replaced, never rewritten in place), no chunks of the
-    `ITERATION_VARS` (their writers' job); group attrs ``attrs``. What writing the next state's
-    metadata through xarray creates, for a few file operations instead of ~0.1 s."""
+    same metadata, the chunks of its coordinates and of the ``shared`` variables (hard links,
+    `link_arrays`), no chunks of the other `ITERATION_VARS` (their writers' job); group attrs
+    ``attrs``. What writing the next state's metadata through xarray creates, for a few file
+    operations instead of ~0.1 s."""
     zarr.create_group(store=str(path), path=target, attributes=json_value(attrs))
-    arrays = [e for e in sorted((path / source).iterdir()) if (e / "zarr.json").is_file()]
-    for entry in arrays:
-        if entry.name in ITERATION_VARS:
-            (path / target / entry.name).mkdir()
-            shutil.copyfile(entry / "zarr.json", path / target / entry.name / "zarr.json")
-    link_arrays(path, source, target, [a.name for a in arrays if a.name not in ITERATION_VARS])
+    arrays = [e.name for e in sorted((path / source).iterdir()) if (e / "zarr.json").is_file()]
+    written = [name for name in arrays if name in ITERATION_VARS and name not in shared]
+    for name in written:
+        (path / target / name).mkdir()
+        shutil.copyfile(path / source / name / "zarr.json", path / target / name / "zarr.json")
+    link_arrays(path, source, target, [name for name in arrays if name not in written])
+
+
+def write_region(
+    path: Path | str, group: str, region: tuple[slice, slice], arrays: dict[str, Any]
+) -> None:
+    """Write ``arrays`` (name -> values over the map's rows and columns ``region``, leading
+    axes whole) into the existing arrays of group ``group``, empty chunks too (a manifest
+    lists every chunk of the grid)."""
+    for name, values in arrays.items():
+        out = zarr.open_array(store=str(path), path=f"{group}/{name}", mode="r+")
+        out.with_config({"write_empty_chunks": True})[(Ellipsis, *region)] = values
 
 
 def link_arrays(path: Path, source: str, target: str, names: Iterable[str]) -> None:

@@ -53,6 +53,7 @@ import zarr
 
 from .halo import window
 from .labels import keep_table, tile_kept, tile_labels
+from .store import write_region
 from .tiled import TileWork
 
 __all__ = [
@@ -219,7 +220,7 @@ def tile_components(
     planes = work.planes(counts, background, model, approx)
     n = work.n_scale
     local, report = tile_labels(planes[2 * n : 3 * n], work.cleaning.threshold)
-    _write(path, group, tile, work.plane_arrays(planes, background))
+    write_region(path, group, tile, work.plane_arrays(planes, background))
     return local, report
 
 
@@ -251,19 +252,12 @@ def store_tile(
         arrays, moments = work.finish(transform, approx, kept, model, support, counts)
     if not work.approx_bkg:  # constant after the first iteration: the previous group's files
         carry_chunks(path, previous, group, "approx_bkg", tile)
-    _write(path, group, tile, arrays)
+    write_region(path, group, tile, arrays)
     return np.asarray(moments, dtype=np.float64)
 
 
 def _open(path: str, where: str, name: str, mode: str = "r") -> Any:
     return zarr.open_array(store=path, path=f"{where}/{name}", mode=mode)
-
-
-def _write(path: str, group: str, tile: tuple[slice, slice], arrays: dict[str, Any]) -> None:
-    """Write the tile's part of each array of group ``group``."""
-    for name, values in arrays.items():
-        out = _open(path, group, name, "r+").with_config({"write_empty_chunks": True})
-        out[(Ellipsis, *tile)] = values
 
 
 def carry_chunks(path: str, source: str, target: str, name: str, tile: tuple[slice, slice]) -> None:

@@ -60,11 +60,13 @@ from .store import (
     has_content,
     is_complete,
     iteration_dirs,
+    json_attrs,
     json_value,
     link_arrays,
     open_dataset,
     open_group,
     table_infos,
+    write_region,
 )
 from .store_integrity import (
     WRITE_OPTIONS,
@@ -262,8 +264,17 @@ class ZarrSink:
         # a read-only numpy plane written at k - 1 (approx_bkg, constant) is the same values:
         # its files are shared with the previous group, not written again
         same = [n for n, a in self._written.items() if n in state and state[n].data is a]
-        moments = self._write_group(k, state.drop_vars(same), moments)
-        link_arrays(self.path, group_name(k - 1), group_name(k), same)
+        arrays = {n: state[n].data for n in ITERATION_VARS if n in state and n not in same}
+        if all(isinstance(a, np.ndarray) for a in arrays.values()):
+            # numpy planes: the previous group's layout, then plain zarr writes (as the tile
+            # tasks write theirs), without xarray's encoding and dask's chunking on the way
+            previous = group_name(k - 1)
+            copy_layout(self.path, previous, group_name(k), self._group_attrs(k), same)
+            write_region(self.path, group_name(k), (slice(None), slice(None)), arrays)
+            moments = np.asarray(moments)
+        else:
+            moments = self._write_group(k, state.drop_vars(same), moments)
+            link_arrays(self.path, group_name(k - 1), group_name(k), same)
         self._written = {
             n: a
             for n in ITERATION_VARS
@@ -392,7 +403,7 @@ class ZarrSink:
         ds = xr.Dataset(
             {n: data[n].astype(np.float64).variable for n in names},
             coords={c: data.coords[c].variable for c in coords},
-            attrs=_json_attrs(data.attrs),
+            attrs=json_attrs(data.attrs),
         ).drop_encoding()
         ds = self._rechunk(ds)
         digests = {n: block_digests(ds[n].data, self.chunks) for n in names}
@@ -534,14 +545,3 @@ def _store_chunks(data: xr.Dataset) -> tuple[int, int]:
     if chunks is not None:
         return int(chunks[0][0]), int(chunks[1][0])
     return min(DEFAULT_CHUNK, data.sizes["y"]), min(DEFAULT_CHUNK, data.sizes["x"])
-
-
-def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-serialisable entries of ``attrs``."""
-    out = {}
-    for key, value in attrs.items():
-        try:
-            out[key] = json_value(value)
-        except (TypeError, ValueError):
-            continue
-    return out
