@@ -53,7 +53,7 @@ import zarr
 
 from .halo import window
 from .labels import keep_table, tile_kept, tile_labels
-from .store import write_region
+from .store import open_array, write_region
 from .tiled import TileWork
 
 __all__ = [
@@ -256,8 +256,8 @@ def store_tile(
     return np.asarray(moments, dtype=np.float64)
 
 
-def _open(path: str, where: str, name: str, mode: str = "r") -> Any:
-    return zarr.open_array(store=path, path=f"{where}/{name}", mode=mode)
+def _open(path: str, where: str, name: str) -> Any:
+    return open_array(path, f"{where}/{name}")
 
 
 def carry_chunks(path: str, source: str, target: str, name: str, tile: tuple[slice, slice]) -> None:

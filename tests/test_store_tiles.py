@@ -102,3 +102,21 @@ def test_carrying_chunks_again_is_harmless(tmp_path: Path) -> None:
     np.testing.assert_array_equal(root["b/x"][tile], root["a/x"][tile])
     files = sorted(p.name for p in (tmp_path / "s.zarr" / "b" / "x").rglob("*") if p.is_file())
     assert files == ["0", "1", "zarr.json"]  # chunks (1, 0) and (1, 1), no temporary left
+
+
+def test_opened_arrays_are_reused_only_while_their_metadata_is_unchanged(tmp_path: Path) -> None:
+    """`cwtflow.store.open_array` (the tile tasks' opens): the same array object while its
+    metadata file is unchanged, a fresh one once the array was replaced at the same path."""
+    from cwtflow.store import open_array
+
+    path = tmp_path / "s.zarr"
+    root = zarr.open_group(str(path), mode="w")
+    root.create_array("g/a", shape=(4, 4), chunks=(2, 2), dtype="f8")[...] = 1.0
+    first = open_array(path, "g/a")
+    assert open_array(path, "g/a") is first
+    root["g/a"][0, 0] = 5.0  # new chunk data: the same array reads it
+    assert open_array(path, "g/a")[0, 0] == 5.0
+    root.create_array("g/a", shape=(6, 3), chunks=(3, 3), dtype="i4", overwrite=True)[...] = 7
+    again = open_array(path, "g/a")
+    assert again is not first and again.shape == (6, 3)
+    np.testing.assert_array_equal(again[...], np.full((6, 3), 7))
