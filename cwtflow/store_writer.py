@@ -12,8 +12,11 @@ iteration starts from stored chunks and does not grow with the number of iterati
 residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the write.
 
 A tiled iteration (`cwtflow.tiled.TileWork`) is written by `ZarrSink.write_tiles`: the group's
-metadata here, then one task per tile (`cwtflow.store_tiles`; an island threshold adds a
-labelling pass per tile and one join).
+metadata here (the previous group's, `cwtflow.store.copy_layout`), then one task per tile
+(`cwtflow.store_tiles`; an island threshold adds a labelling pass per tile and one join). An
+iteration of numpy planes (the in-memory engine) is written the same way from here, whole
+(`cwtflow.store.write_region`); the constant ``approx_bkg`` shares its files with the previous
+group in both. Iteration 0 and lazy (dask) states go through xarray's ``to_zarr``.
 
 Resuming checks that the store was written by this cwtflow version and format, with the same
 parameters (``max_iter`` may be raised), on the same input maps (shape, WCS, and the
