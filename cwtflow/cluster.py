@@ -206,6 +206,10 @@ def client_summary(client: Client) -> str:
     )
 
 
+#: The name distributed gives the worker processes its nannies start.
+_WORKER_PROCESS = "Dask Worker process (from Nanny)"
+
+
 def _close_quietly(
     client: Client,
     cluster: LocalCluster | None,
@@ -258,9 +262,6 @@ def _muted(*names: str) -> Iterator[None]:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
-
-#: The name distributed gives the worker processes its nannies start.
-_WORKER_PROCESS = "Dask Worker process (from Nanny)"
 
 # --------------------------------------------------------------------------------------------
 # The client of a run
