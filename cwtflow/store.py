@@ -26,7 +26,11 @@ single metadata write after all its chunks are stored, together with the group's
 attrs digest (`cwtflow.store_integrity.seal_group`). Readers ignore unmarked groups. A group
 is only ever written fresh: a leftover unmarked group of a killed run is deleted first, and a
 complete group is never overwritten. Deleting a group (`delete_group`) removes its marker
-first, then its files, so a kill midway leaves an ignored leftover. The root ``status``
+first, then moves its directory out of the hierarchy (``.deleted-...``, one rename: a reader
+sees the whole group or none of it) and removes it there, so a kill midway leaves an ignored
+leftover, which the next writer removes. Groups are created by copying the previous group's
+layout (`copy_layout`) or through xarray, and their chunks written with zarr
+(`write_region`). The root ``status``
 (``running``, ``converged``, ``max_iter reached``) is informational: the markers are
 authoritative.
 
@@ -50,6 +54,7 @@ import json
 import os
 import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -67,6 +72,7 @@ from .store_lock import LOCK_NAME
 
 __all__ = [
     "COMPLETE",
+    "DELETED",
     "FORMAT",
     "FORMAT_VERSION",
     "INPUT_VARS",
@@ -76,6 +82,7 @@ __all__ = [
     "clear_store",
     "complete_iterations",
     "compose_state",
+    "copy_layout",
     "delete_group",
     "expected_variables",
     "group_name",
@@ -85,6 +92,7 @@ __all__ = [
     "json_value",
     "open_dataset",
     "open_group",
+    "remove_deleted",
     "table_infos",
     "unmark",
 ]
@@ -255,14 +263,33 @@ def _link(source: str, target: str) -> None:
         shutil.copyfile(source, target)
 
 
+#: Name prefix of a group's directory while `delete_group` removes it.
+DELETED = ".deleted-"
+
+
 def delete_group(path: Path, name: str) -> None:
-    """Delete group ``name``: unmark it first, so a kill midway leaves an ignored leftover."""
+    """Delete group ``name``: unmark it first (a kill midway leaves an ignored leftover), then
+    move its directory out of the hierarchy in one rename and remove it there: a reader
+    listing the group meanwhile finds all of it or nothing, never arrays losing their files
+    (which zarr warns about). A kill during the removal leaves a `DELETED` directory, cleared
+    by the next writer (`remove_deleted`)."""
     directory = path / name
     if not directory.exists():
         return
     if is_complete(open_group(path, name)):
         unmark(path, name)
-    shutil.rmtree(directory)
+    doomed = directory.with_name(f"{DELETED}{directory.name}-{uuid.uuid4().hex}")
+    os.rename(directory, doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_deleted(path: Path) -> None:
+    """Remove what a killed `delete_group` left (in the root and ``iterations``)."""
+    for parent in (path, path / "iterations"):
+        if parent.is_dir():
+            for entry in parent.iterdir():
+                if entry.name.startswith(DELETED) and entry.is_dir():
+                    shutil.rmtree(entry)
 
 
 def check_root(path: Path, attrs: dict[str, Any]) -> None:

@@ -68,6 +68,7 @@ from .store import (
     link_arrays,
     open_dataset,
     open_group,
+    remove_deleted,
     table_infos,
     write_region,
 )
@@ -264,13 +265,11 @@ class ZarrSink:
         moments as numpy.
         """
         self._new_group(k)
-        # a read-only numpy plane written at k - 1 (approx_bkg, constant) is the same values:
-        # its files are shared with the previous group, not written again
+        # a read-only numpy plane written at k - 1 (approx_bkg) is the same values: shared
         same = [n for n, a in self._written.items() if n in state and state[n].data is a]
         arrays = {n: state[n].data for n in ITERATION_VARS if n in state and n not in same}
         if all(isinstance(a, np.ndarray) for a in arrays.values()):
-            # numpy planes: the previous group's layout, then plain zarr writes (as the tile
-            # tasks write theirs), without xarray's encoding and dask's chunking on the way
+            # numpy: the previous group's layout, then plain zarr writes (as the tile tasks')
             previous = group_name(k - 1)
             copy_layout(self.path, previous, group_name(k), self._group_attrs(k), same)
             write_region(self.path, group_name(k), (slice(None), slice(None)), arrays)
@@ -478,6 +477,7 @@ class ZarrSink:
     ) -> tuple[xr.Dataset, list[IterationInfo]] | None:
         """Continue an existing store; None when it holds nothing worth keeping."""
         path = self.path
+        remove_deleted(path)
         inputs = open_group(path, "inputs")
         complete = complete_iterations(path)
         if not is_complete(inputs):

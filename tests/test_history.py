@@ -144,6 +144,19 @@ def test_keep_history_false_keeps_newest_only(tmp_path, maps, reference):
     assert_same_state(history.final, reference[0])
 
 
+def test_resume_clears_what_a_killed_deletion_left(tmp_path, maps, reference):
+    """A group is deleted by moving it out of the hierarchy, then removing it; a kill during
+    the removal leaves that directory, which the next writer removes."""
+    path = tmp_path / "run.zarr"
+    make_cwt(max_iter=2, keep_history=False).analyze(maps, store=path)
+    shutil.copytree(path / "iterations" / "0002", path / "iterations" / ".deleted-0001-abc")
+    (path / ".deleted-catalog-abc").mkdir()
+    result = make_cwt(keep_history=False).analyze(maps, store=path, resume=True)
+    assert sorted(p.name for p in (path / "iterations").iterdir() if p.is_dir()) == ["0004"]
+    assert not (path / ".deleted-catalog-abc").exists()
+    assert_same_state(result, reference[0], rtol=1e-12)
+
+
 def test_converged_run_status(tmp_path, maps):
     cwt = make_cwt(max_iter=30, tol=1e-2)
     path = tmp_path / "run.zarr"

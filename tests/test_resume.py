@@ -75,7 +75,7 @@ CHILD = textwrap.dedent(
     original_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
-        if point == "mid_prune" and Path(path).name == f"{k - 1:04d}":
+        if point == "mid_prune" and Path(path).name.startswith(f".deleted-{k - 1:04d}-"):
             pause()
         return original_rmtree(path, *args, **kwargs)
 
@@ -232,12 +232,15 @@ def test_kill_while_writing_inputs(tmp_path, maps, uninterrupted):
 
 def test_kill_while_pruning_without_history(tmp_path, maps, uninterrupted):
     """keep_history=False: killed after iteration 3 is complete, while deleting iteration 2
-    (already unmarked): the newest good iteration survives and the run resumes from it."""
+    (unmarked and moved out of the hierarchy first): the newest good iteration survives, the
+    run resumes from it and removes the leftover."""
     store = run_and_kill(tmp_path, "mid_prune", 3, keep=False)
-    assert marked(store) == {"0002": False, "0003": True}
+    (leftover,) = (store / "iterations").glob(".deleted-0002-*")
+    assert marked(store) == {leftover.name: False, "0003": True}
     assert open_history(store).iterations == [3]
     seen = resume_and_compare(store, maps, uninterrupted, keep=False)
     assert [i.iteration for i in seen] == [4]
+    assert not leftover.exists()
 
 
 def test_cli_run_killed_then_resumed(tmp_path):
