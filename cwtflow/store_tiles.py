@@ -10,7 +10,8 @@ per tile (`store_tile`) that
 2. runs the iteration on them (`cwtflow.tiled.TileWork`, the same functions as the graph
    path of `cwtflow.tiled.TiledStep`, so both give the same numbers),
 3. writes its chunks of every variable of group ``k`` (the tiles are unions of zarr chunks: no
-   two tasks write one chunk; ``approx_bkg`` is constant and carried over), and returns the
+   two tasks write one chunk; ``approx_bkg``, constant after the first iteration, is the
+   previous group's files, linked with the layout), and returns the
    four residual moments of the tile.
 
 The store is the halo exchange: the graph holds one task per tile and nothing else, no array
@@ -39,17 +40,12 @@ a cached chunk can never stand for other data, even when a store is rewritten in
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
-import uuid
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
-import zarr
 
 from .halo import window
 from .labels import keep_table, tile_kept, tile_labels
@@ -61,7 +57,6 @@ __all__ = [
     "CACHE_BYTES",
     "CachedArray",
     "ChunkCache",
-    "carry_chunks",
     "compute_tiles",
     "store_tile",
     "tile_components",
@@ -250,34 +245,9 @@ def store_tile(
         model = _open(path, previous, "model")[tile]
         counts = _open(path, "inputs", "counts")[tile]
         arrays, moments = work.finish(transform, approx, kept, model, support, counts)
-    if not work.approx_bkg:  # constant after the first iteration: the previous group's files
-        carry_chunks(path, previous, group, "approx_bkg", tile)
     write_region(path, group, tile, arrays)
     return np.asarray(moments, dtype=np.float64)
 
 
 def _open(path: str, where: str, name: str) -> Any:
     return open_array(path, f"{where}/{name}")
-
-
-def carry_chunks(path: str, source: str, target: str, name: str, tile: tuple[slice, slice]) -> None:
-    """Give array ``name`` of group ``target`` the chunk files of group ``source`` covering
-    ``tile`` (2-D; same metadata in both groups): hard links, or copies where the file system
-    has none. Idempotent: a retried task replaces what an earlier attempt left."""
-    array = zarr.open_array(store=path, path=f"{source}/{name}", mode="r")
-    (cy, cx), encode = array.chunks, array.metadata.chunk_key_encoding.encode_chunk_key
-    for iy in range(tile[0].start // cy, -(-tile[0].stop // cy)):
-        for ix in range(tile[1].start // cx, -(-tile[1].stop // cx)):
-            key = encode((iy, ix))
-            old, new = Path(path, source, name, key), Path(path, target, name, key)
-            new.parent.mkdir(parents=True, exist_ok=True)
-            # a task retried after its worker died may find its links made already; anything
-            # else there is replaced through a temporary name (a rename is atomic)
-            if new.exists() and os.path.samefile(old, new):
-                continue
-            temporary = new.with_name(f"{new.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                os.link(old, temporary)
-            except OSError:  # no hard links here
-                shutil.copyfile(old, temporary)
-            os.replace(temporary, new)

@@ -270,8 +270,7 @@ class ZarrSink:
         arrays = {n: state[n].data for n in ITERATION_VARS if n in state and n not in same}
         if all(isinstance(a, np.ndarray) for a in arrays.values()):
             # numpy: the previous group's layout, then plain zarr writes (as the tile tasks')
-            previous = group_name(k - 1)
-            copy_layout(self.path, previous, group_name(k), self._group_attrs(k), same)
+            copy_layout(self.path, group_name(k - 1), group_name(k), self._group_attrs(k), same)
             write_region(self.path, group_name(k), (slice(None), slice(None)), arrays)
             moments = np.asarray(moments)
         else:
@@ -298,8 +297,9 @@ class ZarrSink:
         if state.attrs.get("iteration") != k - 1 or not done:
             raise StoreError(f"{self.path}: iteration {k - 1} is not the complete state given")
         self._new_group(k)
-        # the arrays' metadata (those of the previous group); the tile tasks write the chunks
-        copy_layout(self.path, previous, group_name(k), self._group_attrs(k))
+        # the previous group's layout (approx_bkg's files too once constant); tasks write chunks
+        shared = () if work.approx_bkg else ("approx_bkg",)
+        copy_layout(self.path, previous, group_name(k), self._group_attrs(k), shared)
         digests = {name: group_digest(self.path, name) for name in ("inputs", previous)}
         moments = compute_tiles(str(self.path), previous, group_name(k), work, digests)
         return self._open_state(k), moments

@@ -90,20 +90,6 @@ def test_constant_plane_is_written_once(tmp_path: Path, chunks, n_chunks) -> Non
     np.testing.assert_array_equal(history[1]["approx_bkg"], history[3]["approx_bkg"])
 
 
-def test_carrying_chunks_again_is_harmless(tmp_path: Path) -> None:
-    """A tile task retried after its worker died carries the same chunks again."""
-    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
-    for name in ("a", "b"):
-        root.create_group(name).create_array("x", shape=(8, 12), chunks=(4, 4), dtype="f8")
-    root["a/x"][...] = np.arange(96.0).reshape(8, 12)
-    tile = (slice(4, 8), slice(0, 8))
-    for _ in range(2):
-        store_tiles.carry_chunks(str(tmp_path / "s.zarr"), "a", "b", "x", tile)
-    np.testing.assert_array_equal(root["b/x"][tile], root["a/x"][tile])
-    files = sorted(p.name for p in (tmp_path / "s.zarr" / "b" / "x").rglob("*") if p.is_file())
-    assert files == ["0", "1", "zarr.json"]  # chunks (1, 0) and (1, 1), no temporary left
-
-
 def test_opened_arrays_are_reused_only_while_their_metadata_is_unchanged(tmp_path: Path) -> None:
     """`cwtflow.store.open_array` (the tile tasks' opens): the same array object while its
     metadata file is unchanged, a fresh one once the array was replaced at the same path."""
