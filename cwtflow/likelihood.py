@@ -27,7 +27,14 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import ndtr
 
-__all__ = ["Fit", "fit_sources", "gaussian_profiles", "source_images"]
+__all__ = [
+    "Fit",
+    "background_scale",
+    "fit_sources",
+    "gaussian_profiles",
+    "poisson_loglike",
+    "source_images",
+]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _FLOOR = 1e-10  # expected counts below this count as this (pixels without any background)
@@ -119,7 +126,8 @@ def _model(
     return mu, jac
 
 
-def _loglike(counts: np.ndarray, mu: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def poisson_loglike(counts: np.ndarray, mu: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``sum(C ln mu - mu)`` over the valid pixels of each window (k,)."""
     mu = np.maximum(mu, _FLOOR)
     return np.sum(np.where(valid, counts * np.log(mu) - mu, 0.0), axis=(1, 2))
 
@@ -128,7 +136,7 @@ def _clip(params: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarra
     return np.minimum(np.maximum(params, lower), upper)
 
 
-def _null_scale(
+def background_scale(
     counts: np.ndarray, background: np.ndarray, others: np.ndarray, valid: np.ndarray
 ) -> np.ndarray:
     """Best background scale without the source: ``max_beta sum(C ln(beta b + o) - beta b)``
@@ -209,13 +217,13 @@ def fit_sources(
         lower = np.column_stack([lower, np.zeros(k)])
         upper = np.column_stack([upper, np.full(k, max_extension**2)])
     if fit_background:
-        beta0 = _null_scale(counts, background, others, valid)
+        beta0 = background_scale(counts, background, others, valid)
         theta = np.column_stack([theta, beta0])
         lower = np.column_stack([lower, np.full(k, 1e-3)])
         upper = np.column_stack([upper, np.full(k, 1e3)])
-        loglike0 = _loglike(counts, beta0[:, None, None] * background + others, valid)
+        loglike0 = poisson_loglike(counts, beta0[:, None, None] * background + others, valid)
     else:
-        loglike0 = _loglike(counts, background + others, valid)
+        loglike0 = poisson_loglike(counts, background + others, valid)
     p = theta.shape[1]
     theta = _clip(theta, lower, upper)
 
@@ -226,7 +234,7 @@ def fit_sources(
 
     everything = np.arange(k)
     mu, _ = model(theta, everything, False)
-    loglike = _loglike(counts, mu, valid)
+    loglike = poisson_loglike(counts, mu, valid)
     damping = np.full(k, 1e-3)
     converged = np.zeros(k, dtype=bool)
     eye = np.eye(p)
@@ -249,7 +257,7 @@ def fit_sources(
         step = np.linalg.solve(lhs, grad[:, :, None])[:, :, 0]
         trial = _clip(th + step, lower[idx], upper[idx])
         mu_t, _ = model(trial, idx, False)
-        ll_t = _loglike(counts[idx], mu_t, valid[idx])
+        ll_t = poisson_loglike(counts[idx], mu_t, valid[idx])
         better = ll_t >= loglike[idx]
         gain = ll_t - loglike[idx]
         theta[idx[better]] = trial[better]

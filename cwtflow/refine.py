@@ -24,7 +24,18 @@ import numpy as np
 from .likelihood import Fit, fit_sources, source_images
 from .psf import EXTENDED_TS
 
-__all__ = ["BATCH", "N_SWEEPS", "POINT_WINDOW", "Refined", "Windows", "refine"]
+__all__ = [
+    "BATCH",
+    "N_SWEEPS",
+    "POINT_WINDOW",
+    "Refined",
+    "Windows",
+    "max_point_shift",
+    "models_on",
+    "point_fits",
+    "refine",
+    "source_exposure",
+]
 
 #: Windows per dask task.
 BATCH = 128
@@ -96,6 +107,40 @@ def _batched_fit(
     return Fit(*(np.concatenate([getattr(p, f) for p in parts]) for f in Fit._fields))
 
 
+def models_on(
+    params: np.ndarray,
+    sigma: np.ndarray,
+    include: np.ndarray,
+    origin: np.ndarray,
+    size: int,
+    period: int | None,
+) -> np.ndarray:
+    """Expected counts of sources on windows: ``out[w] = sum_j include[w, j] model_j``.
+
+    ``params`` (n, 3) holds each source's (counts, x, y) in the map frame and ``sigma`` (n,)
+    its Gaussian sigma (pixels); ``origin`` (m, 2) is each window's first pixel (y, x), its
+    side ``size``; across a wrapping x axis (``period``) a source is seen on its nearer side.
+    Sources farther than 5 sigma from a window are skipped.
+    """
+    out = np.zeros((origin.shape[0], size, size))
+    x, y = params[:, 1], params[:, 2]
+    centre_x = origin[:, 1, None] + size / 2 - 0.5
+    centre_y = origin[:, 0, None] + size / 2 - 0.5
+    dx = x[None, :] - centre_x
+    if period:
+        dx = (dx + period / 2) % period - period / 2
+    dy = y[None, :] - centre_y
+    reach = size / 2 + 5 * sigma[None, :]
+    w, j = np.nonzero(include & (np.abs(dx) < reach) & (np.abs(dy) < reach))
+    if w.size == 0:
+        return out
+    images = source_images(
+        params[j, 0], dx[w, j] + size / 2 - 0.5, dy[w, j] + size / 2 - 0.5, sigma[j], (size, size)
+    )
+    np.add.at(out, w, images)
+    return out
+
+
 def _neighbour_models(
     params: np.ndarray,
     sigma: np.ndarray,
@@ -105,26 +150,61 @@ def _neighbour_models(
     period: int | None,
 ) -> np.ndarray:
     """Sum over the other live sources of their models on each window, (k, size, size)."""
-    k = params.shape[0]
-    out = np.zeros((k, size, size))
-    if k < 2:
-        return out
-    x, y = params[:, 1], params[:, 2]  # map frame
-    dx = x[None, :] - x[:, None]
-    if period:
-        dx = (dx + period / 2) % period - period / 2
-    dy = y[None, :] - y[:, None]
-    reach = size / 2 + 5 * sigma[None, :]
-    near = (np.abs(dx) < reach) & (np.abs(dy) < reach) & alive[None, :] & alive[:, None]
+    near = alive[None, :] & alive[:, None]
     np.fill_diagonal(near, False)
-    i, j = np.nonzero(near)
-    if i.size == 0:
-        return out
-    centre_x = x[i] + dx[i, j] - origin[i, 1]  # j seen from i's window (across the seam)
-    centre_y = y[j] - origin[i, 0]
-    images = source_images(params[j, 0], centre_x, centre_y, sigma[j], (size, size))
-    np.add.at(out, i, images)
-    return out
+    return models_on(params, sigma, near, origin, size, period)
+
+
+def max_point_shift(psf_sigma: float) -> float:
+    """Largest move of a point source's position in one fit (pixels)."""
+    return max(2.0 * psf_sigma, 1.5)
+
+
+def point_fits(
+    windows: Windows,
+    rows: np.ndarray,
+    params: np.ndarray,
+    others: np.ndarray,
+    psf_sigma: float,
+    max_shift: float,
+    fit_background: bool,
+) -> Fit:
+    """Point-source fits of the sources ``rows`` on the cores of their windows (``POINT_WINDOW``
+    PSF sigmas around the centre), ``others`` (len(rows), w, w) fixed; ``params`` (a, x, y) in
+    and the returned ``params`` out are in the map frame."""
+    size = windows.counts.shape[1]
+    half_point = min(size // 2, math.ceil(POINT_WINDOW * psf_sigma) + 1)
+    core = slice(size // 2 - half_point, size // 2 + half_point + 1)
+    shift = windows.origin[rows].astype(np.float64)[:, ::-1] + (size // 2 - half_point)
+    start = np.array(params, dtype=np.float64)
+    start[:, 1:] -= shift
+    fit = _batched_fit(
+        windows.counts[rows][:, core, core],
+        windows.background[rows][:, core, core],
+        windows.valid[rows][:, core, core],
+        start,
+        others=others[:, core, core],
+        psf_sigma=psf_sigma,
+        max_shift=max_shift,
+        fit_background=fit_background,
+    )
+    out = fit.params[:, :3].copy()
+    out[:, 1:] += shift
+    return fit._replace(params=out)
+
+
+def source_exposure(windows: Windows, params: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Exposure averaged with each source's shape on its window (NaN without exposure)."""
+    k, size, _ = windows.counts.shape
+    if windows.exposure is None:
+        return np.full(k, np.nan)
+    origin = windows.origin.astype(np.float64)
+    shape = source_images(
+        np.ones(k), params[:, 1] - origin[:, 1], params[:, 2] - origin[:, 0], sigma, (size, size)
+    )
+    weight = shape * windows.valid
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weight * windows.exposure).sum(axis=(1, 2)) / weight.sum(axis=(1, 2))
 
 
 def refine(
@@ -164,28 +244,15 @@ def refine(
     origin = windows.origin.astype(np.float64)
     params = np.array(seeds, dtype=np.float64)  # (a, x, y) map frame
     alive = np.ones(k, dtype=bool)
-    # the point fit uses the window's core: POINT_WINDOW PSF sigmas around the centre
-    half_point = min(size // 2, math.ceil(POINT_WINDOW * psf_sigma) + 1)
-    core = slice(size // 2 - half_point, size // 2 + half_point + 1)
-    shift = size // 2 - half_point
-    max_shift = max(2.0 * psf_sigma, 1.5)
+    max_shift = max_point_shift(psf_sigma)
     psf = np.full(k, psf_sigma)
+    everything = np.arange(k)
     for _ in range(N_SWEEPS):
         others = _neighbour_models(params, psf, alive, origin, size, period)
-        start = params.copy()
-        start[:, 1:] -= origin[:, ::-1] + shift
-        point = _batched_fit(
-            windows.counts[:, core, core],
-            windows.background[:, core, core],
-            windows.valid[:, core, core],
-            start,
-            others=others[:, core, core],
-            psf_sigma=psf_sigma,
-            max_shift=max_shift,
-            fit_background=fit_background,
+        point = point_fits(
+            windows, everything, params, others, psf_sigma, max_shift, fit_background
         )
-        params = point.params[:, :3].copy()
-        params[:, 1:] += origin[:, ::-1] + shift
+        params = point.params
         alive &= _unique(params, point.ts, alive, min_separation, period)
     ts, cov, converged = point.ts, point.cov[:, :3, :3], point.converged
     ts_ext = np.zeros(k)
@@ -240,19 +307,7 @@ def refine(
         converged[idx] = ext_fit.converged[ext]
         sigma[idx] = np.sqrt(psf_sigma**2 + v[ext])
     err = np.sqrt(np.maximum(np.einsum("kpp->kp", cov), 0.0))
-    if windows.exposure is not None:
-        shape = source_images(
-            np.ones(k),
-            params[:, 1] - origin[:, 1],
-            params[:, 2] - origin[:, 0],
-            sigma,
-            (size, size),
-        )
-        weight = shape * windows.valid
-        with np.errstate(invalid="ignore", divide="ignore"):
-            exposure = (weight * windows.exposure).sum(axis=(1, 2)) / weight.sum(axis=(1, 2))
-    else:
-        exposure = np.full(k, np.nan)
+    exposure = source_exposure(windows, params, sigma)
     return Refined(
         keep=alive,
         x=params[:, 1] % period if period else params[:, 1],
