@@ -43,6 +43,12 @@ error; sigma_psf is the PSF's Gaussian sigma):
   log L_point)``; ``extended``: ``ts_ext >= cwtflow.psf.EXTENDED_TS`` (16); an extended
   source's position and counts are those of its extended fit (its TS is about ``ts +
   ts_ext``).
+- *larger sources* (`cwtflow.merge`): a source whose extension reaches the cap is tried as part
+  of a Gaussian of up to ``LARGE_EXTENSION_PER_SIGMA`` (8) PSF sigmas that replaces it and the
+  sources in its footprint (those still significant on top of it stay, as point sources) when
+  Akaike's criterion prefers it, its extension is beyond the cap by more than its error and
+  below the larger cap, and it stays detected; its ``ts`` is the point-source test at its
+  position, like every source's.
 - ``flux``: ``source_counts`` over the exposure averaged with the source's shape (cm-2 s-1 for
   an exposure in cm2 s); NaN without an exposure map.
 - ``peak_significance``, ``peak_scale``: at the candidate's peak pixel of M, the maximum over
@@ -66,16 +72,18 @@ import xarray as xr
 from astropy import units as u
 from astropy.table import QTable
 from astropy.wcs.utils import proj_plane_pixel_scales
-from scipy import ndimage
 
 from . import core, peaks
 from .catalog_table import CATALOG_COLUMNS, assemble_table, empty_table
 from .checks import flag, number
+from .cutouts import fit_window, grow_box, island_boxes, stack_windows, take_box, windows_at
 from .errors import InputError, ParameterError
 from .kernels import CWTKernels
 from .maps import is_allsky, wcs_from_attrs
+from .merge import AT_CAP, large_window_half, merge_large
 from .psf import (
     EXTENDED_TS,
+    LARGE_EXTENSION_PER_SIGMA,
     MAX_EXTENSION_PER_SIGMA,
     MIN_SCALE_PER_SIGMA,
     MIN_SEPARATION_PER_SIGMA,
@@ -83,7 +91,7 @@ from .psf import (
     as_angle,
     as_psf,
 )
-from .refine import Windows, refine
+from .refine import max_point_shift, refine
 
 __all__ = ["CATALOG_COLUMNS", "find_sources"]
 
@@ -160,53 +168,6 @@ def _exposure_array(
     if bool(bad):
         raise InputError("exposure contains negative, NaN or infinite pixels")
     return exposure
-
-
-def _island_columns(labels: np.ndarray, n: int, wrap: bool) -> list[tuple[int, int, int, int]]:
-    """Bounding box ``(y0, y1, x0, x1)`` of every island; on a wrapping map ``x1`` may exceed
-    the map width (the box continues across the seam) for islands that cross it."""
-    nx = labels.shape[1]
-    boxes = []
-    for label, sl in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
-        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-        if wrap and x0 == 0 and x1 == nx:
-            cols = np.flatnonzero((labels[y0:y1] == label).any(axis=0))
-            gaps = np.diff(np.append(cols, cols[0] + nx))
-            widest = int(np.argmax(gaps))
-            if gaps[widest] > 1:
-                # the box starts after the widest empty run of columns
-                x0 = int(cols[(widest + 1) % cols.size])
-                x1 = int(cols[widest]) + 1 + (nx if x0 > cols[widest] else 0)
-            else:
-                # a ring all around the sky: cut it where it is thinnest
-                thin = int(np.argmin((labels[y0:y1] == label).sum(axis=0)))
-                x0, x1 = thin + 1, thin + 1 + nx
-        boxes.append((y0, y1, x0, x1))
-    return boxes
-
-
-def _with_margin(
-    box: tuple[int, int, int, int], margin: int, shape: tuple[int, int], wrap: bool
-) -> tuple[int, int, int, int]:
-    """``box`` grown by ``margin`` pixels: clipped at the map's edges, except along a
-    wrapping x axis where it continues across the seam (never wider than the map)."""
-    y0, y1, x0, x1 = box
-    ny, nx = shape
-    y0, y1 = max(0, y0 - margin), min(ny, y1 + margin)
-    if not wrap:
-        return y0, y1, max(0, x0 - margin), min(nx, x1 + margin)
-    if (x1 - x0) + 2 * margin >= nx:
-        start = x0 - (nx - (x1 - x0)) // 2
-        return y0, y1, start, start + nx
-    return y0, y1, x0 - margin, x1 + margin
-
-
-def _take(array: Any, box: tuple[int, int, int, int], nx: int) -> Any:
-    """``array[..., y0:y1, x0:x1]`` with x continued periodically outside ``0 .. nx``."""
-    y0, y1, x0, x1 = box
-    if 0 <= x0 and x1 <= nx:
-        return array[..., y0:y1, x0:x1]
-    return array[..., y0:y1, :][..., np.arange(x0, x1) % nx]
 
 
 def _data(result: xr.Dataset, name: str) -> Any:
@@ -326,13 +287,13 @@ def find_sources(
 
     support_2d = np.asarray(dask.compute(_data(result, "support").any(axis=0))[0], dtype=bool)
     labels, n = core.label(support_2d, wrap_x=wrap)
-    boxes = [_with_margin(b, margin, shape, wrap) for b in _island_columns(labels, n, wrap)]
+    boxes = [grow_box(b, margin, shape, wrap) for b in island_boxes(labels, n, wrap)]
 
     names2 = ["model", "counts", "background", "approx"]
     arrays = {name: _data(result, name) for name in (*names2, "transform_3d", "error")}
     if exposure_data is not None:
         arrays["exposure"] = exposure_data
-    lazy = [{name: _take(a, box, shape[1]) for name, a in arrays.items()} for box in boxes]
+    lazy = [{name: take_box(a, box, shape[1]) for name, a in arrays.items()} for box in boxes]
     if any(not isinstance(a, np.ndarray) for a in arrays.values()):
         cutouts = dask.compute(*lazy)  # one graph: every island's boxes in one pass
     else:
@@ -341,7 +302,7 @@ def find_sources(
     seeds, windows = [], []
     for label, (box, cut) in enumerate(zip(boxes, cutouts, strict=True), start=1):
         cut = {k: np.asarray(v, dtype=np.float64) for k, v in cut.items()}
-        mask = _take(labels, box, shape[1]) == label
+        mask = take_box(labels, box, shape[1]) == label
         sources = peaks.island_sources(
             mask,
             cut["model"],
@@ -360,7 +321,7 @@ def find_sources(
         )
         for i in range(sources.x.size):
             seeds.append((label, box, sources, i))
-            windows.append(_window(cut, box, sources.x[i], sources.y[i], half))
+            windows.append(fit_window(cut, box, sources.x[i], sources.y[i], half))
 
     table = _refined_table(
         seeds,
@@ -374,6 +335,7 @@ def find_sources(
         wcs,
         kernels,
         float(min_significance),
+        arrays,
     )
     table.meta.update(
         {
@@ -405,34 +367,6 @@ def find_sources(
     return table
 
 
-def _window(
-    cut: dict[str, np.ndarray], box: tuple[int, int, int, int], x: float, y: float, half: int
-) -> tuple[np.ndarray, ...]:
-    """(counts, background, exposure or None, valid, origin) of the window of side
-    ``2 half + 1`` centred on the pixel nearest (x, y) (cut-out frame); pixels outside the
-    cut-out (outside the map) are not valid."""
-    cy, cx = round(y), round(x)
-    ny, nx = cut["counts"].shape
-    size = 2 * half + 1
-    y0, x0 = cy - half, cx - half
-    sy = slice(max(0, y0), min(ny, y0 + size))
-    sx = slice(max(0, x0), min(nx, x0 + size))
-    ty = slice(sy.start - y0, sy.stop - y0)
-    tx = slice(sx.start - x0, sx.stop - x0)
-    out = []
-    for name in ("counts", "background", "exposure"):
-        if name not in cut:
-            out.append(None)
-            continue
-        w = np.zeros((size, size))
-        w[ty, tx] = cut[name][sy, sx]
-        out.append(w)
-    valid = np.zeros((size, size), dtype=bool)
-    valid[ty, tx] = True
-    origin = np.array([box[0] + y0, box[2] + x0], dtype=np.float64)
-    return (*out, valid, origin)
-
-
 def _refined_table(
     seeds,
     windows,
@@ -445,19 +379,13 @@ def _refined_table(
     wcs,
     kernels,
     min_significance,
+    arrays,
 ) -> QTable:
     fit_extension, fit_background = fits
     frame = _frame(wcs)
     if not seeds:
         return empty_table(frame)
-    counts, background, exposure, valid, origin = (list(v) for v in zip(*windows, strict=True))
-    wins = Windows(
-        counts=np.stack(counts),
-        background=np.stack(background),
-        exposure=None if exposure[0] is None else np.stack(exposure),
-        valid=np.stack(valid),
-        origin=np.stack(origin),
-    )
+    wins = stack_windows(windows)
     start = np.array(
         [
             (
@@ -478,6 +406,25 @@ def _refined_table(
         fit_background=fit_background,
         period=shape[1] if wrap else None,
     )
+    capped = fit.keep & (fit.extension >= AT_CAP * max_extension)
+    if fit_extension and capped.any():
+        rows = np.flatnonzero(capped)
+        rows = rows[np.argsort(-fit.ts[rows], kind="stable")]
+        large_extension = LARGE_EXTENSION_PER_SIGMA * psf_pix
+        half = large_window_half(psf_pix, large_extension)
+        fit = merge_large(
+            fit,
+            wins,
+            windows_at(arrays, fit.x[rows], fit.y[rows], half, shape, wrap),
+            rows,
+            psf_pix,
+            large_extension=large_extension,
+            min_extension=max_extension,
+            min_ts=min_significance**2,
+            max_shift=max_point_shift(psf_pix),
+            fit_background=fit_background,
+            period=shape[1] if wrap else None,
+        )
     keep = fit.keep & (np.sqrt(fit.ts) >= min_significance) & np.isfinite(fit.x_err)
     sel = np.flatnonzero(keep)
 

@@ -25,6 +25,7 @@ from .errors import ParameterError
 
 __all__ = [
     "EXTENDED_TS",
+    "LARGE_EXTENSION_PER_SIGMA",
     "MAX_EXTENSION_PER_SIGMA",
     "MIN_SCALE_PER_SIGMA",
     "MIN_SEPARATION_PER_SIGMA",
@@ -54,6 +55,9 @@ N_SCALE = 2
 MIN_SEPARATION_PER_SIGMA = 2.0
 #: Largest intrinsic Gaussian extension the catalog fits, in PSF sigmas.
 MAX_EXTENSION_PER_SIGMA = 2.0
+#: Largest extension, in PSF sigmas, of a source tried in place of the components of a source
+#: larger than the extension model (`cwtflow.merge`).
+LARGE_EXTENSION_PER_SIGMA = 8.0
 #: A source is flagged extended when ``TS_ext = 2 (log L_ext - log L_point)`` reaches this.
 EXTENDED_TS = 16.0
 

@@ -16,6 +16,11 @@ Run from the project root::
 
     python benchmarks/catalog_diagnosis/large_extended.py            # PSF 1.5 and 2.5 px
     python benchmarks/catalog_diagnosis/large_extended.py --maps 3 --psf 1.5
+    python benchmarks/catalog_diagnosis/large_extended.py --crowded --no-merge
+
+``--crowded``: 80 sources at least max(4 sigma, 5 px) apart (point sources on the flanks of
+the extended ones); ``--no-merge``: the catalog without its merge of larger sources
+(`cwtflow.merge`), for the comparison.
 
 With ``--survey`` it also lists the survey map's detections in the scoring region without a
 3FHL source within 0.3 deg, with their fitted extension (a diagnosis of that map, not a rule:
@@ -38,20 +43,25 @@ from bench_catalog import MATCH_RADIUS, cwt_catalog, in_region
 from loaders import default_data_dir, reference_sources, survey_maps
 
 import cwtflow
+import cwtflow.catalog
 
 #: Intrinsic sigma of the extended sources, in PSF sigmas: within the extension model, beyond.
 RANGES = {"within (0.7-2 sigma)": (0.7, 2.0), "beyond (2.7-6.7 sigma)": (2.7, 6.7)}
 
 
-def score(psf: float, sizes: tuple[float, float], maps: int) -> dict[str, int]:
-    """Counts over ``maps`` skies with PSF sigma ``psf`` px and extensions ``sizes`` sigmas."""
+def score(
+    psf: float, sizes: tuple[float, float], maps: int, crowded: bool = False
+) -> dict[str, int]:
+    """Counts over ``maps`` skies with PSF sigma ``psf`` px and extensions ``sizes`` sigmas;
+    ``crowded``: 80 sources (8 extended) at least max(4 sigma, 5 px) apart, so that point
+    sources sit on the flanks of the extended ones, as in the Galactic plane."""
     out = dict.fromkeys(("detections", "false", "fragments", "ext", "ext_found", "pts"), 0)
     out["pts_found"] = 0
     radius = max(2.0 * psf, 2.0)
     for seed in range(300, 300 + maps):
         sky, truth = cwtflow.simulate_sky(
             (120, 1000),
-            n_sources=40,
+            n_sources=80 if crowded else 40,
             n_extended=8,
             extent=(sizes[0] * psf, sizes[1] * psf),
             seed=seed,
@@ -59,7 +69,7 @@ def score(psf: float, sizes: tuple[float, float], maps: int) -> dict[str, int]:
             binsz=0.1,
             background_level=0.5,
             source_counts=(30.0, 1500.0),
-            min_separation=25.0,
+            min_separation=max(4.0 * psf, 5.0) if crowded else 25.0,
             margin=15.0,
         )
         table, *_ = cwt_catalog(sky, {"psf": f"{0.1 * psf}deg"})
@@ -108,14 +118,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--maps", type=int, default=6)
     parser.add_argument("--psf", type=float, nargs="+", default=[1.5, 2.5], help="PSF sigma, px")
+    parser.add_argument("--crowded", action="store_true", help="point sources on the flanks too")
+    parser.add_argument("--no-merge", action="store_true", help="switch cwtflow.merge off")
     parser.add_argument("--survey", action="store_true")
     parser.add_argument("--data", type=Path, default=default_data_dir())
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
+    if args.no_merge:
+        cwtflow.catalog.AT_CAP = np.inf  # no extension reaches it: nothing is tried
     print("PSF px | extended sources | detections | false | fragments | ext found | pts found")
     for psf in args.psf:
         for label, sizes in RANGES.items():
-            r = score(psf, sizes, args.maps)
+            r = score(psf, sizes, args.maps, args.crowded)
             print(
                 f"{psf} | {label} | {r['detections']} | {r['false']} | {r['fragments']} | "
                 f"{r['ext_found']}/{r['ext']} | {r['pts_found']}/{r['pts']}",

@@ -44,7 +44,17 @@ def _island(*a, **k):
     return s
 
 
+_orig_merge = cat.merge_large
+
+
+def _merge(*a, **k):
+    fit = _orig_merge(*a, **k)
+    _rec["fit"] = fit  # the candidates after the merge of large sources
+    return fit
+
+
 cat.refine = _refine
+cat.merge_large = _merge
 pk.island_sources = _island
 
 VARIANTS = {
@@ -54,6 +64,10 @@ VARIANTS = {
     "float_win4": ({}, {"fit_background": True}, {"POINT_WINDOW": 4.0}),
     "float_win7": ({}, {"fit_background": True}, {"POINT_WINDOW": 7.0}),
     "float_win9": ({}, {"fit_background": True}, {"POINT_WINDOW": 9.0}),
+    # the extension fit on, as the catalog's defaults: with and without the merge of sources
+    # larger than the extension model (cwtflow.merge)
+    "extended": ({}, {"fit_extension": True}),
+    "extended_nomerge": ({}, {"fit_extension": True}, {"catalog.AT_CAP": np.inf}),
 }
 
 
@@ -122,7 +136,13 @@ def run_variant(name, cwt_opts, cat_opts, configs=None):
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         v = VARIANTS[name]
-        for attr, val in (v[2] if len(v) > 2 else {}).items():
-            setattr(rf, attr, val)
+        changed = v[2] if len(v) > 2 else {}
+        saved = {}
+        for attr, val in changed.items():
+            module, _, name_ = attr.rpartition(".")
+            target = cat if module == "catalog" else rf
+            saved[(target, name_)] = getattr(target, name_)
+            setattr(target, name_, val)
         run_variant(name, v[0], v[1])
-        rf.POINT_WINDOW = 5.0
+        for (target, name_), val in saved.items():
+            setattr(target, name_, val)

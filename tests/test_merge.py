@@ -1,0 +1,106 @@
+"""Sources larger than the extension model (`cwtflow.merge`): one large Gaussian instead of
+its fragments, point sources beside it kept, the source models on windows against a direct
+sum."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy import units as u
+
+import cwtflow
+from cwtflow import catalog as catalog_module
+from cwtflow.likelihood import source_images
+from cwtflow.refine import models_on
+
+PSF = 1.5  # pixels
+SHAPE = (90, 140)
+LEVEL = 0.5
+
+
+def gaussian(x0, y0, sigma, total):
+    y, x = np.indices(SHAPE, dtype=np.float64)
+    return (
+        total * np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+    )
+
+
+def catalog(sources, seed):
+    """PSF-driven CWT and catalog of Poisson counts of ``sources`` [(x, y, extension, counts)]
+    over a flat background (0.1 deg pixels)."""
+    rate = np.full(SHAPE, LEVEL)
+    for x0, y0, ext, total in sources:
+        rate += gaussian(x0, y0, np.hypot(PSF, ext), total)
+    counts = np.random.default_rng(seed).poisson(rate).astype(np.float64)
+    maps = cwtflow.make_maps(counts, np.full(SHAPE, LEVEL))
+    psf = PSF * 0.1 * u.deg
+    kernels = cwtflow.CWTKernels.from_psf(psf, 0.1 * u.deg)
+    result = cwtflow.CWT(kernels, psf=psf).analyze(maps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return cwtflow.find_sources(result)
+
+
+LARGE = (70.0, 45.0, 5.0 * PSF, 900.0)  # 5 PSF sigmas: beyond the extension model's 2
+BESIDE = (88.0, 40.0, 0.0, 250.0)  # a point source on the large one's flank
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_large_source_is_one_extended_source_and_its_neighbour_stays(seed, monkeypatch):
+    table = catalog([LARGE, BESIDE], seed)
+    x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
+    assert len(table) == 2, table["x", "y", "extension", "ts"]
+    big = int(np.argmin(np.hypot(x - LARGE[0], y - LARGE[1])))
+    point = 1 - big
+    ext_px = table["extension"][big].to_value(u.deg) / 0.1
+    err_px = table["extension_err"][big].to_value(u.deg) / 0.1
+    assert table["extended"][big]
+    assert abs(ext_px - LARGE[2]) < 3 * err_px
+    assert np.hypot(x[big] - LARGE[0], y[big] - LARGE[1]) < 3 * max(
+        float(table["x_err"][big].value), float(table["y_err"][big].value), 0.5
+    )
+    assert not table["extended"][point]
+    assert np.hypot(x[point] - BESIDE[0], y[point] - BESIDE[1]) < 1.0
+    # without the merge the same sky gives fragments of the large source
+    monkeypatch.setattr(catalog_module, "AT_CAP", np.inf)
+    assert len(catalog([LARGE, BESIDE], seed)) > 2
+
+
+def test_sources_within_the_model_are_not_touched(monkeypatch):
+    sources = [(40.0, 45.0, 1.5 * PSF, 400.0), (100.0, 45.0, 0.0, 200.0), (108.0, 47.0, 0.0, 200.0)]
+    merged = catalog(sources, 3)
+    monkeypatch.setattr(catalog_module, "AT_CAP", np.inf)
+    plain = catalog(sources, 3)
+    assert len(merged) == len(plain) == 3
+    for name in ("x", "y", "ts", "extension"):
+        np.testing.assert_array_equal(np.asarray(merged[name]), np.asarray(plain[name]))
+
+
+@pytest.mark.parametrize("period", [None, 200])
+def test_models_on_windows_are_the_sum_of_the_included_sources(period):
+    rng = np.random.default_rng(5)
+    n, m, size = 30, 6, 21
+    params = np.column_stack(
+        [rng.uniform(10, 100, n), rng.uniform(0, 200, n), rng.uniform(0, 60, n)]
+    )
+    sigma = rng.uniform(1.0, 6.0, n)
+    include = rng.random((m, n)) < 0.5
+    origin = np.column_stack([rng.integers(-5, 50, m), rng.integers(-10, 190, m)]).astype(float)
+    got = models_on(params, sigma, include, origin, size, period)
+    for w in range(m):
+        expected = np.zeros((size, size))
+        for j in np.flatnonzero(include[w]):
+            x = params[j, 1] - origin[w, 1]
+            for shift in (-1, 0, 1) if period else (0,):
+                images = source_images(
+                    params[j : j + 1, 0],
+                    np.array([x + shift * (period or 0)]),
+                    np.array([params[j, 2] - origin[w, 0]]),
+                    sigma[j : j + 1],
+                    (size, size),
+                )
+                expected += images[0]
+        # sources are cut beyond 5 sigma of the window: at most that tail is missing
+        assert np.abs(got[w] - expected).max() < 1e-4 * max(expected.max(), 1.0)
