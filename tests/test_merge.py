@@ -104,3 +104,15 @@ def test_models_on_windows_are_the_sum_of_the_included_sources(period):
                 expected += images[0]
         # sources are cut beyond 5 sigma of the window: at most that tail is missing
         assert np.abs(got[w] - expected).max() < 1e-4 * max(expected.max(), 1.0)
+
+
+def test_a_source_larger_than_the_larger_model_is_left_as_it_was(monkeypatch):
+    # with the larger model capped at 3 PSF sigmas the 5-sigma source fits L at that limit:
+    # the emission is larger than any model tried, and the catalog stays as without the merge
+    monkeypatch.setattr(catalog_module, "LARGE_EXTENSION_PER_SIGMA", 3.0)
+    limited = catalog([LARGE, BESIDE], 1)
+    monkeypatch.setattr(catalog_module, "AT_CAP", np.inf)
+    plain = catalog([LARGE, BESIDE], 1)
+    assert len(limited) == len(plain) > 2
+    for name in ("x", "y", "ts", "extension"):
+        np.testing.assert_array_equal(np.asarray(limited[name]), np.asarray(plain[name]))

@@ -46,7 +46,11 @@ import cwtflow
 import cwtflow.catalog
 
 #: Intrinsic sigma of the extended sources, in PSF sigmas: within the extension model, beyond.
-RANGES = {"within (0.7-2 sigma)": (0.7, 2.0), "beyond (2.7-6.7 sigma)": (2.7, 6.7)}
+RANGES = {
+    "within (0.7-2 sigma)": (0.7, 2.0),
+    "beyond (2.7-6.7 sigma)": (2.7, 6.7),
+    "far beyond (6.7-13 sigma)": (6.7, 13.0),
+}
 
 
 def score(
@@ -120,6 +124,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--psf", type=float, nargs="+", default=[1.5, 2.5], help="PSF sigma, px")
     parser.add_argument("--crowded", action="store_true", help="point sources on the flanks too")
     parser.add_argument("--no-merge", action="store_true", help="switch cwtflow.merge off")
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=[0, 1], help="rows of RANGES (0 within, 1, 2)"
+    )
     parser.add_argument("--survey", action="store_true")
     parser.add_argument("--data", type=Path, default=default_data_dir())
     args = parser.parse_args(argv)
@@ -128,7 +135,9 @@ def main(argv: list[str]) -> int:
         cwtflow.catalog.AT_CAP = np.inf  # no extension reaches it: nothing is tried
     print("PSF px | extended sources | detections | false | fragments | ext found | pts found")
     for psf in args.psf:
-        for label, sizes in RANGES.items():
+        for n, (label, sizes) in enumerate(RANGES.items()):
+            if n not in args.sizes:
+                continue
             r = score(psf, sizes, args.maps, args.crowded)
             print(
                 f"{psf} | {label} | {r['detections']} | {r['false']} | {r['fragments']} | "
