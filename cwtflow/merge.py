@@ -10,8 +10,11 @@ a larger window (half-width `large_window_half`, cut by the caller):
 1. *members*: the live sources within two sigmas of the capped source (its footprint);
 2. *L*: a Gaussian of extension up to ``LARGE_EXTENSION_PER_SIGMA`` PSF sigmas
    (`cwtflow.psf`), started from the capped source and its members' summed counts at their
-   counts-weighted centre, fitted with the members left out and every other source fixed;
-   sources within two of L's sigmas join the members and L is refitted, until none join;
+   counts-weighted centre, fitted with the members left out and every other source fixed
+   (the first L of every tried source in one vectorised fit; redone for a source whose window
+   an earlier merge changed); sources within two of L's sigmas join the members and L is
+   refitted (``GROW_ROUNDS`` at most). An L not larger than the extension model allows (see 4)
+   ends the try here: with the members refitted on top it would only shrink;
 3. sweeps (``N_SWEEPS``): the members refitted as point sources on their own windows on top of
    L and the other sources, those whose TS falls below ``min_ts`` dropped (fragments), then L
    refitted on top of the survivors;
@@ -85,47 +88,49 @@ class _Sources:
 
 
 class _Window:
-    """One large window: its data (batch of one) and conversions to and from the map frame."""
+    """Large windows (a batch of k): their data and conversions between the map's frame and
+    theirs; parameters are (k, p) arrays ``(a, x, y, ...)``."""
 
-    def __init__(self, large: Windows, n: int, period: int | None) -> None:
-        self.counts = large.counts[n : n + 1]
-        self.background = large.background[n : n + 1]
-        self.valid = large.valid[n : n + 1]
-        self.exposure = None if large.exposure is None else large.exposure[n : n + 1]
-        self.origin = large.origin[n : n + 1].astype(np.float64)
+    def __init__(self, large: Windows, index: slice, period: int | None) -> None:
+        self.counts = large.counts[index]
+        self.background = large.background[index]
+        self.valid = large.valid[index]
+        self.exposure = None if large.exposure is None else large.exposure[index]
+        self.origin = large.origin[index].astype(np.float64)
         self.size = self.counts.shape[1]
         self.period = period
 
     def local(self, params: np.ndarray) -> np.ndarray:
-        """(a, x, y, ...) map frame -> window frame (x on the window's side of the seam)."""
+        """Map frame -> window frame (x on the window's side of the seam)."""
         out = np.array(params, dtype=np.float64)
         half = self.size / 2 - 0.5
-        out[1] = _wrapped(out[1] - self.origin[0, 1] - half, self.period) + half
-        out[2] -= self.origin[0, 0]
+        out[:, 1] = _wrapped(out[:, 1] - self.origin[:, 1] - half, self.period) + half
+        out[:, 2] -= self.origin[:, 0]
         return out
 
     def to_map(self, params: np.ndarray) -> np.ndarray:
         out = np.array(params, dtype=np.float64)
-        out[1] += self.origin[0, 1]
-        out[2] += self.origin[0, 0]
+        out[:, 1] += self.origin[:, 1]
+        out[:, 2] += self.origin[:, 0]
         return out
 
     def models(self, params: np.ndarray, sigma: np.ndarray, include: np.ndarray) -> np.ndarray:
-        return models_on(params, sigma, include[None, :], self.origin, self.size, self.period)
+        """The sources ``include`` (k, n) selects, on each window."""
+        return models_on(params, sigma, include, self.origin, self.size, self.period)
 
-    def loglike(self, models: np.ndarray, fit_background: bool) -> float:
-        """log L of the counts given ``models`` (1, s, s) on top of the background."""
+    def loglike(self, models: np.ndarray, fit_background: bool) -> np.ndarray:
+        """log L of the counts given ``models`` (k, s, s) on top of the background."""
         beta = 1.0
         if fit_background:
             beta = background_scale(self.counts, self.background, models, self.valid)[:, None, None]
-        return float(poisson_loglike(self.counts, beta * self.background + models, self.valid)[0])
+        return poisson_loglike(self.counts, beta * self.background + models, self.valid)
 
     def fit(self, start: np.ndarray, others: np.ndarray, psf_sigma: float, **kwargs) -> Fit:
         return fit_sources(
             self.counts,
             self.background,
             self.valid,
-            self.local(start)[None, :],
+            self.local(start),
             psf_sigma,
             others=others,
             max_shift=self.size / 4,
@@ -174,18 +179,62 @@ def merge_large(
         As for `cwtflow.refine.refine`.
     """
     sources = _Sources(fit, psf_sigma)
+    if len(rows) == 0:
+        return fit
+    extended = {
+        "extended": True,
+        "max_extension": large_extension,
+        "fit_background": fit_background,
+    }
+    # every source's first L, all windows at once (vectorised); a try redoes its own only if
+    # an earlier merge changed the sources in its window
+    everything = _Window(large, slice(None), period)
+    groups = np.array([_footprint(sources, i, period) for i in rows])
+    first = everything.fit(
+        np.array([_start(sources, i, g, period) for i, g in zip(rows, groups, strict=True)]),
+        everything.models(sources.params, sources.sigma, sources.alive & ~groups),
+        psf_sigma,
+        **extended,
+    )
     settings = {
         "psf_sigma": psf_sigma,
         "large_extension": large_extension,
         "min_extension": min_extension,
         "min_ts": min_ts,
         "max_shift": max_shift,
-        "fit_background": fit_background,
+        "extended": extended,
     }
     for n, i in enumerate(rows):
-        if sources.alive[i] and not sources.merged[i]:  # not changed by an earlier merge
-            _try(sources, windows, _Window(large, n, period), int(i), **settings)
+        if not sources.alive[i] or sources.merged[i]:
+            continue  # absorbed or refitted by an earlier merge
+        window = _Window(large, slice(n, n + 1), period)
+        reach = np.abs(window.local(sources.params)[:, 1:3] - window.size / 2).max(axis=1)
+        fresh = not np.any(sources.merged & (reach < window.size / 2 + 5 * sources.sigma))
+        own = Fit(*(a[n : n + 1] for a in first)) if fresh else None
+        _try(sources, windows, window, int(i), groups[n], own, **settings)
     return Refined(**sources.columns)
+
+
+def _footprint(sources: _Sources, i: int, period: int | None) -> np.ndarray:
+    """Source ``i`` and the live sources within two of its sigmas."""
+    group = sources.near(sources.params[i, 1], sources.params[i, 2], 2.0 * sources.sigma[i], period)
+    group[i] = True
+    return group
+
+
+def _start(sources: _Sources, i: int, group: np.ndarray, period: int | None) -> np.ndarray:
+    """L's start: the group's summed counts at its counts-weighted centre, sigma twice i's."""
+    params = sources.params
+    weight = params[group, 0]
+    dx = _wrapped(params[group, 1] - params[i, 1], period)
+    return np.array(
+        [
+            weight.sum(),
+            params[i, 1] + np.average(dx, weights=weight),
+            np.average(params[group, 2], weights=weight),
+            (2.0 * sources.sigma[i]) ** 2,
+        ]
+    )
 
 
 def _try(
@@ -193,43 +242,39 @@ def _try(
     windows: Windows,
     window: _Window,
     i: int,
+    group: np.ndarray,
+    first: Fit | None,
     *,
     psf_sigma: float,
     large_extension: float,
     min_extension: float,
     min_ts: float,
     max_shift: float,
-    fit_background: bool,
+    extended: dict,
 ) -> None:
+    """Source ``i`` (footprint ``group``) as part of L on ``window`` (``first``: L's first fit
+    if still valid); the sources are updated in place if the merge is accepted."""
     params, sigma, alive = sources.params, sources.sigma, sources.alive
     period = window.period
-    extended = {
-        "extended": True,
-        "max_extension": large_extension,
-        "fit_background": fit_background,
-    }
-    members = sources.near(params[i, 1], params[i, 2], 2.0 * sigma[i], period)
-    members[i] = False
-    for _ in range(GROW_ROUNDS):
-        group = members.copy()
-        group[i] = True
-        weight = params[group, 0]
-        dx = _wrapped(params[group, 1] - params[i, 1], period)
-        start = np.array(
-            [
-                weight.sum(),
-                params[i, 1] + np.average(dx, weights=weight),
-                np.average(params[group, 2], weights=weight),
-                (2.0 * sigma[i]) ** 2,
-            ]
-        )
-        big = window.fit(start, window.models(params, sigma, alive & ~group), psf_sigma, **extended)
-        lx = window.to_map(big.params[0, :4])
+    fit_background = extended["fit_background"]
+    big = first
+    for round_ in range(GROW_ROUNDS):
+        if big is None:
+            start = _start(sources, i, group, period)[None, :]
+            big = window.fit(
+                start, window.models(params, sigma, alive & ~group), psf_sigma, **extended
+            )
+        if not _larger(big, min_extension, large_extension):
+            return  # the members refitted on top would only shrink L: nothing to gain
+        lx = window.to_map(big.params[:, :4])[0]
         s_large = math.hypot(psf_sigma, math.sqrt(lx[3]))
         joining = sources.near(lx[1], lx[2], 2.0 * s_large, period) & ~group
-        if not joining.any():
+        if not joining.any() or round_ == GROW_ROUNDS - 1:
             break
-        members |= joining
+        group = group | joining
+        big = None
+    members = group.copy()
+    members[i] = False
     rows = np.flatnonzero(members)
     fixed = alive & ~members
     fixed[i] = False
@@ -256,26 +301,21 @@ def _try(
             m_alive &= m_fit.ts >= min_ts
         pool = np.vstack([params, m_params])
         pool_sigma = np.concatenate([sigma, np.full(rows.size, psf_sigma)])
-        others = window.models(pool, pool_sigma, np.concatenate([fixed, m_alive]))
-        big = window.fit(lx, others, psf_sigma, **extended)
-        lx = window.to_map(big.params[0, :4])
+        others = window.models(pool, pool_sigma, np.concatenate([fixed, m_alive])[None, :])
+        big = window.fit(lx[None, :], others, psf_sigma, **extended)
+        lx = window.to_map(big.params[:, :4])[0]
         s_large = math.hypot(psf_sigma, math.sqrt(lx[3]))
-    local = window.local(lx)
+    local = window.local(lx[None, :])[0]
     image = source_images(
         local[:1], local[1:2], local[2:3], np.array([s_large]), (window.size,) * 2
     )
-    after = window.loglike(others + image, fit_background)
-    before = window.loglike(window.models(params, sigma, alive), fit_background)
+    after = float(window.loglike(others + image, fit_background)[0])
+    before = float(window.loglike(window.models(params, sigma, alive[None, :]), fit_background)[0])
     k_before = 4 + int(np.sum(3 + sources.columns["extended"][rows]))
     k_after = 4 + 3 * int(m_alive.sum())
-    point = window.fit(lx[:3], others, psf_sigma, fit_background=fit_background)
-    cov = big.cov[0]
-    v, v_err = lx[3], math.sqrt(max(cov[3, 3], 0.0))
-    extension = math.sqrt(v)
-    extension_err = 0.5 * (math.sqrt(v + v_err) - math.sqrt(max(v - v_err, 0.0)))
+    point = window.fit(lx[None, :3], others, psf_sigma, fit_background=fit_background)
     if not (
-        extension - extension_err > min_extension  # larger than the extension model allows
-        and extension < AT_CAP * large_extension  # and not larger than L may be
+        _larger(big, min_extension, large_extension)
         and point.ts[0] >= min_ts  # the source is still detected
         and after - before >= PARAMETER_COST * (k_after - k_before)
     ):
@@ -289,7 +329,8 @@ def _try(
         _set_points(sources, windows, rows[m_alive], m_fit, m_alive, psf_sigma, period)
     sources.params[i] = lx[:3]
     sources.sigma[i] = s_large
-    err = np.sqrt(np.maximum(np.diag(cov)[:3], 0.0))
+    extension, extension_err = _extension(big)
+    err = np.sqrt(np.maximum(np.diag(big.cov[0])[:3], 0.0))
     ts_ext = max(2.0 * float(big.loglike[0] - point.loglike[0]), 0.0)
     updates = {
         "x": lx[1] % period if period else lx[1],
@@ -310,6 +351,20 @@ def _try(
         updates["exposure"] = float((weight * window.exposure).sum() / weight.sum())
     for name, value in updates.items():
         columns[name][i] = value
+
+
+def _extension(fit: Fit) -> tuple[float, float]:
+    """The extension of a one-window extended fit and its error (the 1-sigma interval of
+    ``v = extension^2`` mapped onto the extension, as `cwtflow.refine` does)."""
+    v, v_err = fit.params[0, 3], math.sqrt(max(fit.cov[0, 3, 3], 0.0))
+    return math.sqrt(v), 0.5 * (math.sqrt(v + v_err) - math.sqrt(max(v - v_err, 0.0)))
+
+
+def _larger(fit: Fit, min_extension: float, large_extension: float) -> bool:
+    """L is larger than the extension model allows (by more than its error) and smaller than
+    its own limit. NaN errors (a singular fit) fail."""
+    extension, error = _extension(fit)
+    return bool(extension - error > min_extension and extension < AT_CAP * large_extension)
 
 
 def _set_points(
