@@ -4,9 +4,10 @@ likelihood fit with the instrument's PSF.
 `find_sources` turns a state Dataset (numpy- or dask-backed) into an astropy `QTable` with one
 row per source (written out by `cwtflow.catalog_files`). The candidates are the deblended
 components of the support's islands (`cwtflow.peaks`); each is then fitted on the counts by
-`cwtflow.refine` / `cwtflow.likelihood`; this module gathers the island cut-outs (only those
-pixels are read from a lazy state), converts pixels to the sky and assembles the table
-(`cwtflow.catalog_table`).
+`cwtflow.refine` / `cwtflow.likelihood`, and sources larger than the extension model are
+merged by `cwtflow.merge`; this module gathers the island cut-outs and fit windows
+(`cwtflow.cutouts`: only those pixels are read from a lazy state), converts pixels to the sky
+and assembles the table (`cwtflow.catalog_table`).
 
 Definitions (pixel coordinates are 0-based, pixel centres on integers, x along longitude;
 M, C, B, A, T_i, E_i are the state's model, counts, background, approximation, transform and

@@ -10,7 +10,8 @@ fitted to every remaining source with its neighbours fixed as point sources (so 
 extension cannot swallow the point sources around it); a source whose extension improves the
 likelihood by ``TS_ext >= cwtflow.psf.EXTENDED_TS`` is extended and takes the extended fit's
 position and counts. ``ts`` stays the point-source test (detection); the extended model's
-TS is about ``ts + ts_ext``.
+TS is about ``ts + ts_ext``. Sources larger than the extension model are the business of
+`cwtflow.merge`, which the catalog runs on this module's result.
 """
 
 from __future__ import annotations
