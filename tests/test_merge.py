@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 from astropy import units as u
+from astropy.wcs import WCS
 
 import cwtflow
 from cwtflow import catalog as catalog_module
@@ -116,3 +117,53 @@ def test_a_source_larger_than_the_larger_model_is_left_as_it_was(monkeypatch):
     assert len(limited) == len(plain) > 2
     for name in ("x", "y", "ts", "extension"):
         np.testing.assert_array_equal(np.asarray(limited[name]), np.asarray(plain[name]))
+
+
+def test_a_large_source_on_the_allsky_seam_is_merged_as_in_the_middle_of_the_map():
+    # an all-sky CAR map of 1 deg pixels: the large source centred on the seam, then the same
+    # sky rolled by half a turn (the source in the middle): one catalog, shifted by 180 deg
+    shape = (60, 360)
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["GLON-CAR", "GLAT-CAR"]
+    wcs.wcs.cunit = ["deg", "deg"]
+    wcs.wcs.cdelt = [-1.0, 1.0]
+    wcs.wcs.crval = [0.0, 0.0]
+    wcs.wcs.crpix = [180.5, 30.5]
+    y, x = np.indices(shape, dtype=np.float64)
+    rate = np.full(shape, LEVEL)
+    for x0, y0, ext, total in [(-0.4, 30.0, 5.0 * PSF, 900.0), (17.0, 26.0, 0.0, 250.0)]:
+        dx = (x - x0 + 180) % 360 - 180
+        s2 = PSF**2 + ext**2
+        rate += total * np.exp(-(dx**2 + (y - y0) ** 2) / (2 * s2)) / (2 * np.pi * s2)
+    counts = np.random.default_rng(6).poisson(rate).astype(np.float64)
+    psf = PSF * u.deg
+    kernels = cwtflow.CWTKernels.from_psf(psf, 1.0 * u.deg)
+    tables = []
+    for shift in (0, 180):
+        maps = cwtflow.make_maps(
+            np.roll(counts, shift, axis=1), np.full(shape, LEVEL), wcs.deepcopy()
+        )
+        assert cwtflow.maps.is_allsky(wcs, shape)
+        result = cwtflow.CWT(kernels, psf=psf).analyze(maps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tables.append(cwtflow.find_sources(result))
+            if shift == 0:  # the same through dask chunks split near the seam
+                lazy = cwtflow.find_sources(result.chunk({"x": 90}))
+                for name in ("x", "y", "ts", "extension"):
+                    np.testing.assert_array_equal(
+                        np.asarray(lazy[name]), np.asarray(tables[0][name])
+                    )
+    seam, middle = tables
+    assert len(seam) == len(middle) == 2
+    big = int(np.argmax(np.asarray(seam["extension"])))
+    assert seam["extended"][big] and seam["extension"][big].to_value(u.deg) > 2 * PSF
+    x_seam = float(seam["x"][big].value)
+    assert -0.5 <= x_seam < 359.5 and min(x_seam, 360 - x_seam) < 2.0
+    for name in ("y", "ts", "extension", "source_counts"):
+        np.testing.assert_allclose(
+            np.asarray(seam[name]), np.asarray(middle[name]), rtol=1e-6, err_msg=name
+        )
+    np.testing.assert_allclose(
+        (np.asarray(seam["x"]) + 180) % 360, np.asarray(middle["x"]), atol=1e-6
+    )
