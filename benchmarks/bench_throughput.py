@@ -191,6 +191,9 @@ def main(argv: list[str]) -> int:
     if "dist1" in summary and "dist2" in summary:
         one, two = summary["dist1"], summary["dist2"]
         print(f"  dist1 / dist2 speed-up: {one['best'] / two['best']:.2f}")
+        pairs = zip(results["dist1"], results["dist2"], strict=True)
+        per_round = [statistics.median(a[1:]) / statistics.median(b[1:]) for a, b in pairs]
+        print(f"  dist1 / dist2 per round: {' '.join(f'{r:.2f}' for r in per_round)}")
         if "tile_tasks_best" in one and "tile_tasks_best" in two:
             print(
                 f"  tile tasks alone (first start to last end per iteration): dist1 "

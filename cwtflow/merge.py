@@ -210,8 +210,11 @@ def merge_large(
         window = _Window(large, slice(n, n + 1), period)
         reach = np.abs(window.local(sources.params)[:, 1:3] - window.size / 2).max(axis=1)
         fresh = not np.any(sources.merged & (reach < window.size / 2 + 5 * sources.sigma))
-        own = Fit(*(a[n : n + 1] for a in first)) if fresh else None
-        _try(sources, windows, window, int(i), groups[n], own, **settings)
+        if fresh:
+            own, group = Fit(*(a[n : n + 1] for a in first)), groups[n]
+        else:
+            own, group = None, _footprint(sources, int(i), period)
+        _try(sources, windows, window, int(i), group, own, **settings)
     return Refined(**sources.columns)
 
 
