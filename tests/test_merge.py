@@ -28,7 +28,7 @@ def gaussian(x0, y0, sigma, total):
     )
 
 
-def catalog(sources, seed):
+def catalog(sources, seed, **options):
     """PSF-driven CWT and catalog of Poisson counts of ``sources`` [(x, y, extension, counts)]
     over a flat background (0.1 deg pixels)."""
     rate = np.full(SHAPE, LEVEL)
@@ -41,7 +41,7 @@ def catalog(sources, seed):
     result = cwtflow.CWT(kernels, psf=psf).analyze(maps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return cwtflow.find_sources(result)
+        return cwtflow.find_sources(result, **options)
 
 
 LARGE = (70.0, 45.0, 5.0 * PSF, 900.0)  # 5 PSF sigmas: beyond the extension model's 2
@@ -67,6 +67,14 @@ def test_a_large_source_is_one_extended_source_and_its_neighbour_stays(seed, mon
     # without the merge the same sky gives fragments of the large source
     monkeypatch.setattr(catalog_module, "AT_CAP", np.inf)
     assert len(catalog([LARGE, BESIDE], seed)) > 2
+
+
+def test_the_merge_with_the_background_normalisation_floating():
+    table = catalog([LARGE, BESIDE], 1, fit_background=True)
+    assert len(table) == 2
+    big = int(np.argmax(np.asarray(table["extension"])))
+    ext_px = table["extension"][big].to_value(u.deg) / 0.1
+    assert abs(ext_px - LARGE[2]) < 3 * table["extension_err"][big].to_value(u.deg) / 0.1
 
 
 def test_sources_within_the_model_are_not_touched(monkeypatch):
