@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 from astropy import units as u
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 import cwtflow
 import cwtflow.catalog as cat
+import cwtflow.likelihood as lk
 import cwtflow.peaks as pk
 import cwtflow.refine as rf
 
@@ -57,6 +59,33 @@ cat.refine = _refine
 cat.merge_large = _merge
 pk.island_sources = _island
 
+#: Systematic weights (variants "weighted<eps>"): the likelihood of every fit window weighted
+#: per pixel by w = 1 / (1 + eps^2 N), N the background counts within the PSF (the background
+#: smoothed by the PSF's Gaussian, times 4 pi sigma^2), for a diffuse model whose error is a
+#: fraction eps of it on the PSF's scale; an experiment, not in cwtflow.
+_WEIGHT_EPS = [0.0]
+_orig_loglike = lk.poisson_loglike
+
+
+def _weighted_loglike(counts, mu, valid):
+    if not _WEIGHT_EPS[0]:
+        return _orig_loglike(counts, mu, valid)
+    mu = np.maximum(mu, 1e-10)
+    return np.sum(valid * (counts * np.log(mu) - mu), axis=(1, 2))
+
+
+def _weighted_refine(windows, seeds, psf_sigma, **kw):
+    eps = _WEIGHT_EPS[0]
+    if eps:
+        smooth = [ndimage.gaussian_filter(b, psf_sigma, mode="nearest") for b in windows.background]
+        n_psf = np.stack(smooth) * 4 * np.pi * psf_sigma**2
+        windows = windows._replace(valid=windows.valid / (1.0 + eps**2 * n_psf))
+    return _refine(windows, seeds, psf_sigma, **kw)
+
+
+lk.poisson_loglike = _weighted_loglike  # the fit's float ``valid`` becomes its weights
+cat.refine = _weighted_refine
+
 VARIANTS = {
     # name: (CWT options, find_sources options, cwtflow.refine constants)
     "float": ({}, {"fit_background": True}),
@@ -68,6 +97,11 @@ VARIANTS = {
     # larger than the extension model (cwtflow.merge)
     "extended": ({}, {"fit_extension": True}),
     "extended_nomerge": ({}, {"fit_extension": True}, {"catalog.AT_CAP": np.inf}),
+    # the same with the systematic weights (see _WEIGHT_EPS)
+    **{
+        f"weighted{eps}": ({}, {"fit_extension": True}, {"weights.eps": eps})
+        for eps in (0.03, 0.05, 0.1, 0.2)
+    },
 }
 
 
@@ -138,8 +172,11 @@ if __name__ == "__main__":
         v = VARIANTS[name]
         changed = v[2] if len(v) > 2 else {}
         saved = {}
+        _WEIGHT_EPS[0] = changed.get("weights.eps", 0.0)
         for attr, val in changed.items():
             module, _, name_ = attr.rpartition(".")
+            if module == "weights":
+                continue
             target = cat if module == "catalog" else rf
             saved[(target, name_)] = getattr(target, name_)
             setattr(target, name_, val)
