@@ -314,7 +314,7 @@ def _try(
     )
     after = float(window.loglike(others + image, fit_background)[0])
     before = float(window.loglike(window.models(params, sigma, alive[None, :]), fit_background)[0])
-    k_before = 4 + int(np.sum(3 + sources.columns["extended"][rows]))
+    k_before = int(np.sum(3 + sources.columns["extended"][group]))  # i and the members
     k_after = 4 + 3 * int(m_alive.sum())
     point = window.fit(lx[None, :3], others, psf_sigma, fit_background=fit_background)
     if not (
