@@ -178,9 +178,9 @@ def merge_large(
     fit_background, period
         As for `cwtflow.refine.refine`.
     """
-    sources = _Sources(fit, psf_sigma)
     if len(rows) == 0:
         return fit
+    sources = _Sources(fit, psf_sigma)
     extended = {
         "extended": True,
         "max_extension": large_extension,
@@ -348,10 +348,12 @@ def _try(
         "ts_ext": ts_ext,
         "extended": ts_ext >= EXTENDED_TS,
         "converged": bool(big.converged[0]),
+        "exposure": source_exposure(
+            Windows(window.counts, window.background, window.exposure, window.valid, window.origin),
+            window.to_map(local[None, :3]),  # the frame of the window's origin
+            np.array([s_large]),
+        )[0],
     }
-    if window.exposure is not None:
-        weight = image * window.valid
-        updates["exposure"] = float((weight * window.exposure).sum() / weight.sum())
     for name, value in updates.items():
         columns[name][i] = value
 

@@ -163,7 +163,7 @@ def max_point_shift(psf_sigma: float) -> float:
 
 def point_fits(
     windows: Windows,
-    rows: np.ndarray,
+    rows: np.ndarray | slice,
     params: np.ndarray,
     others: np.ndarray,
     psf_sigma: float,
@@ -172,7 +172,7 @@ def point_fits(
 ) -> Fit:
     """Point-source fits of the sources ``rows`` on the cores of their windows (``POINT_WINDOW``
     PSF sigmas around the centre), ``others`` (len(rows), w, w) fixed; ``params`` (a, x, y) in
-    and the returned ``params`` out are in the map frame."""
+    and the returned ``params`` out are in the map frame. ``rows`` a slice: no copies."""
     size = windows.counts.shape[1]
     half_point = min(size // 2, math.ceil(POINT_WINDOW * psf_sigma) + 1)
     core = slice(size // 2 - half_point, size // 2 + half_point + 1)
@@ -180,9 +180,9 @@ def point_fits(
     start = np.array(params, dtype=np.float64)
     start[:, 1:] -= shift
     fit = _batched_fit(
-        windows.counts[rows][:, core, core],
-        windows.background[rows][:, core, core],
-        windows.valid[rows][:, core, core],
+        windows.counts[rows, core, core],
+        windows.background[rows, core, core],
+        windows.valid[rows, core, core],
         start,
         others=others[:, core, core],
         psf_sigma=psf_sigma,
@@ -247,11 +247,10 @@ def refine(
     alive = np.ones(k, dtype=bool)
     max_shift = max_point_shift(psf_sigma)
     psf = np.full(k, psf_sigma)
-    everything = np.arange(k)
     for _ in range(N_SWEEPS):
         others = _neighbour_models(params, psf, alive, origin, size, period)
         point = point_fits(
-            windows, everything, params, others, psf_sigma, max_shift, fit_background
+            windows, slice(None), params, others, psf_sigma, max_shift, fit_background
         )
         params = point.params
         alive &= _unique(params, point.ts, alive, min_separation, period)
