@@ -46,11 +46,11 @@ __all__ = [
     "write_result",
 ]
 
-#: Smallest tile side ``--chunks`` accepts (the API takes any size, up to `MAX_TILES` tiles):
-#: every tile is a dask task per step and a chunk file per stored array and iteration, and a
-#: tile smaller than the kernels' halo is merged with its neighbours anyway. 1-pixel tiles
-#: wrote 33 000 files per iteration for a 100 x 200 map; 16-pixel ones write ~130 there, and
-#: a 4096 x 4096 map is at most 65 536 tiles of 16 x 16.
+#: Smallest tile side ``--chunks`` accepts (the API takes any size, up to
+#: `cwtflow.resources.MAX_TILES` tiles): every tile is a dask task per step and a chunk file
+#: per stored array and iteration, and a tile smaller than the kernels' halo is merged with its
+#: neighbours anyway. 1-pixel tiles wrote 33 000 files per iteration for a 100 x 200 map;
+#: 16-pixel ones write ~130 there, and a 4096 x 4096 map is at most 65 536 tiles of 16 x 16.
 MIN_CLI_TILE = 16
 
 _WRAP = {"auto": None, "yes": True, "no": False}

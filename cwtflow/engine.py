@@ -10,13 +10,12 @@ from typing import Any
 
 import dask
 import numpy as np
-import psutil
 import xarray as xr
 
 from . import core
 from .checks import flag, integer, number
 from .defaults import CWT_DEFAULTS
-from .errors import InputError, ParameterError, ResourceError
+from .errors import InputError, ParameterError
 from .iteration import IterationInfo, Settings, Sink, Step, run_summary, variance_ratio
 from .kernels import CWTKernels
 from .maps import (
@@ -28,21 +27,12 @@ from .maps import (
     wcs_from_attrs,
 )
 from .psf import as_psf
+from .resources import check_resources
 from .state import initial_state, new_state
 from .store_writer import ZarrSink
 from .tiled import TiledStep
 
-__all__ = ["CWT", "check_resources"]
-
-#: A kernel may be at most this many times the larger map side (`check_resources`)...
-KERNEL_MAP_RATIO = 4
-#: ...or this many pixels on any map (kernels of width up to 16 px: FFT grids under 0.3 MB).
-SMALL_KERNEL = 129
-#: Share of the available memory (psutil) the estimated working set may take.
-MEMORY_FRACTION = 0.8
-#: Most tiles a run may be cut into: each tile is a dask task per step and a file per stored
-#: array and iteration (a 1000 x 1000 map in 1-pixel tiles would write millions of files).
-MAX_TILES = 100_000
+__all__ = ["CWT"]
 
 
 class CWT:
@@ -198,8 +188,8 @@ class CWT:
             tile by tile (its chunks are the tiles).
         chunks : int or (int, int) or dict, optional
             Tile size (y, x) in pixels: chunk ``data`` and run tile by tile through dask. Any
-            size from 1 pixel works, but the map may be cut into at most `MAX_TILES`
-            (100 000) tiles.
+            size from 1 pixel works, but the map may be cut into at most
+            `cwtflow.resources.MAX_TILES` (100 000) tiles.
         store : path, optional
             Zarr store receiving the inputs once and every iteration as its own group.
         resume : bool
@@ -229,8 +219,8 @@ class CWT:
         ParameterError
             An argument of the wrong type or value.
         ResourceError
-            The run would not fit: see `check_resources` (kernel against map size, memory,
-            number of tiles). Checked before anything is written.
+            The run would not fit: see `cwtflow.resources.check_resources` (kernel against
+            map size, memory, number of tiles). Checked before anything is written.
         StoreError
             ``store`` cannot be written or resumed.
         """
@@ -388,67 +378,6 @@ def _tiles(data: xr.Dataset, spec: dict[str, int] | None) -> tuple[int, int, int
         return None
     ys, xs = chunks.get("y", (ny,)), chunks.get("x", (nx,))
     return len(ys) * len(xs), max(ys), max(xs)
-
-
-def check_resources(
-    kernels: CWTKernels,
-    shape: tuple[int, int],
-    *,
-    tiles: tuple[int, int, int] | None = None,
-    in_memory_state: bool = True,
-    local: bool = True,
-) -> None:
-    """Refuse a run that cannot run, before any work: raises `ResourceError` saying why.
-
-    The rules, for a map of ``shape`` (ny, nx) and kernels of largest side ``S``
-    (``kernels.size``, halo ``h = S // 2``):
-
-    - ``S <= max(KERNEL_MAP_RATIO * max(ny, nx), SMALL_KERNEL)`` (4 x the larger side, or 129
-      pixels on any map): with the zero boundary, a kernel's part beyond twice the map side
-      never meets a pixel, so a larger kernel only costs time and memory;
-    - ``tiles`` (count, tile ny, tile nx) of a tiled run: at most `MAX_TILES` tiles;
-    - the estimated working set, at most `MEMORY_FRACTION` (80 %) of the memory available
-      (``psutil.virtual_memory().available``) when the run is ``local``: FFT grids of
-      ``G = fft_shape(map or tile + 2 h, h)`` pixels hold ``4 * n_scale + 6`` spectra of
-      ``8 G`` bytes (kernel, squared-kernel and image spectra, convolution buffers), per
-      dask thread for tiles; and, unless the state goes to a store (``in_memory_state``
-      false), two states of ``3 * n_scale + 9`` float64 planes of the map.
-    """
-    ny, nx = shape
-    side, halo, n_scale = kernels.size, kernels.halo, kernels.n_scale
-    allowed = max(KERNEL_MAP_RATIO * max(ny, nx), SMALL_KERNEL)
-    if side > allowed:
-        raise ResourceError(
-            f"kernels too large for the map: the largest kernel is {side} pixels wide and the "
-            f"map {ny} x {nx} pixels; at most {allowed} pixels ({KERNEL_MAP_RATIO} x the "
-            f"larger map side, or {SMALL_KERNEL}) are allowed: lower n_scale, min_scale or "
-            "step_scale"
-        )
-    if tiles is not None and tiles[0] > MAX_TILES:
-        raise ResourceError(
-            f"too many tiles: {tiles[0]} tiles of {tiles[1]} x {tiles[2]} pixels for a "
-            f"{ny} x {nx} map (at most {MAX_TILES}: every tile is a dask task per step and a "
-            "file per stored array); use larger chunks"
-        )
-    if not local:
-        return
-    if tiles is None:
-        grid = core.fft_shape(shape, halo)
-        threads = 1
-    else:
-        grid = core.fft_shape((tiles[1] + 2 * halo, tiles[2] + 2 * halo), halo)
-        threads = min(tiles[0], os.cpu_count() or 1)
-    need = 8 * grid[0] * grid[1] * (4 * n_scale + 6) * threads
-    if in_memory_state:
-        need += 2 * 8 * ny * nx * (3 * n_scale + 9)
-    available = psutil.virtual_memory().available
-    if need > MEMORY_FRACTION * available:
-        raise ResourceError(
-            f"not enough memory: the run needs about {need / 1024**3:.3g} GiB (FFT grid "
-            f"{grid[0]} x {grid[1]}, {n_scale} scales) and {available / 1024**3:.3g} GiB are "
-            f"available (at most {MEMORY_FRACTION:.0%} may be used): use smaller kernels, "
-            "or tiles (chunks) and a store"
-        )
 
 
 class _InMemoryStep:
