@@ -37,7 +37,6 @@ import dask
 import numpy as np
 import xarray as xr
 import zarr
-from astropy.wcs import WCSCOMPARE_ANCILLARY
 
 from .errors import InputError, StoreError
 from .iteration import IterationInfo, Settings
@@ -52,7 +51,6 @@ from .store import (
     STATUS_MAX_ITER,
     STATUS_RUNNING,
     check_dataset,
-    check_root,
     clear_store,
     complete_iterations,
     compose_state,
@@ -64,7 +62,6 @@ from .store import (
     is_complete,
     iteration_dirs,
     json_attrs,
-    json_value,
     link_arrays,
     open_dataset,
     open_group,
@@ -76,7 +73,6 @@ from .store_integrity import (
     WRITE_OPTIONS,
     block_digests,
     check_group,
-    check_root_digest,
     checksummed,
     combine_digests,
     group_digest,
@@ -85,6 +81,7 @@ from .store_integrity import (
 )
 from .store_lock import LOCK_NAME, StoreLock
 from .store_meta import consolidate
+from .store_resume import check_compatible, check_inputs
 from .store_tiles import compute_tiles
 from .tiled import TileWork
 from .version import __version__
@@ -93,8 +90,6 @@ __all__ = ["ZarrSink"]
 
 #: Zarr chunk side of an in-memory input (a lazy input's tiles are its chunks).
 DEFAULT_CHUNK = 1024
-#: Parameters that may differ when resuming (they do not change the numbers).
-_RESUMABLE_PARAMS = ("max_iter",)
 
 # --- the sink -------------------------------------------------------------------------------
 
@@ -175,7 +170,7 @@ class ZarrSink:
                 "overwrite=True to replace it"
             )
         if self.resume:
-            self._check_compatible(attrs)
+            self.chunks = check_compatible(self.path, attrs, self.settings, self.data)
 
     def _refuse_foreign(self) -> dict[str, Any]:
         """Root attrs of the store at ``path``; StoreError when it holds something else."""
@@ -190,39 +185,6 @@ class ZarrSink:
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.path} is not a cwtflow history store; refusing to touch it")
         return attrs
-
-    # -- validation ------------------------------------------------------------------------
-
-    def _check_compatible(self, attrs: dict[str, Any]) -> None:
-        path = self.path
-        check_root(path, attrs)
-        if attrs["cwtflow_version"] != __version__:
-            raise StoreError(
-                f"{path} was written by cwtflow {attrs['cwtflow_version']}, this is "
-                f"{__version__}; resume with the same version or start a new store"
-            )
-        stored = attrs["parameters"]
-        current = json_value(self.settings.parameters())
-        diff = sorted(
-            key
-            for key in set(stored) | set(current)
-            if key not in _RESUMABLE_PARAMS and stored.get(key) != current.get(key)
-        )
-        if diff:
-            details = ", ".join(
-                f"{k}: store {stored.get(k)!r}, now {current.get(k)!r}" for k in diff
-            )
-            raise StoreError(f"{path} holds a run with other parameters ({details})")
-        self.chunks = (attrs["chunks"][0], attrs["chunks"][1])  # checksum grid, zarr chunks
-        if tuple(attrs["shape"]) != self.shape:
-            raise StoreError(
-                f"{path} holds maps of shape {tuple(attrs['shape'])}, the input is {self.shape}"
-            )
-        stored_wcs = wcs_from_attrs(attrs)
-        other = wcs_from_attrs(self.data.attrs).wcs
-        if not stored_wcs.wcs.compare(other, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-10):
-            raise StoreError(f"{path} holds maps with another WCS than the input's")
-        check_root_digest(path, attrs)
 
     # -- protocol ----------------------------------------------------------------------------
 
@@ -484,7 +446,7 @@ class ZarrSink:
             if complete:
                 raise StoreError(f"{path}: corrupted store, complete iterations without inputs")
             return None  # killed while writing the inputs: start over
-        self._check_inputs(checks)
+        check_inputs(path, self._inputs_ds(), self.data, self.chunks, checks)
         check_group(path, "inputs", full=True)
         state, done = None, []
         if complete:  # everything is checked before anything is deleted
@@ -516,30 +478,6 @@ class ZarrSink:
         update_root(path, {"parameters": self.settings.parameters(), "status": status})
         consolidate(path)
         return state, done
-
-    def _check_inputs(self, checks: dict[str, Any] | None = None) -> None:
-        """Refuse a store whose inputs differ from ``data`` (arrays, then checksums)."""
-        path = self.path
-        inputs = self._inputs_ds()
-        names = [n for n in INPUT_VARS if n in self.data]
-        stored_names = [n for n in INPUT_VARS if n in inputs]
-        expected = {n: (("y", "x"), self.shape, "f") for n in ("counts", "background", *names)}
-        check_dataset(path, "inputs", inputs, expected)  # required arrays first
-        if names != stored_names:
-            raise StoreError(
-                f"{path} holds inputs {stored_names}, the input has {names}: other input maps"
-            )
-        group = open_group(path, "inputs")
-        stored = group.attrs.get("checksums")
-        if not isinstance(stored, dict) or set(stored) != set(names):
-            raise StoreError(f"{path}: corrupted store, bad 'checksums' attr of the inputs")
-        digests = {n: block_digests(self.data[n].data, self.chunks) for n in names}
-        digests, values = dask.compute(digests, checks)
-        if values is not None:
-            raise_pixel_errors(self.data, values)
-        for n in names:
-            if combine_digests(self.shape, digests[n]) != stored[n]:
-                raise StoreError(f"{path} holds other input maps: '{n}' differs (checksum)")
 
 
 def _store_chunks(data: xr.Dataset) -> tuple[int, int]:
