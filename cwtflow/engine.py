@@ -198,6 +198,9 @@ class CWT:
             Replace an existing ``store`` instead of refusing it.
         callback : callable, optional
             Called with an `IterationInfo` after every iteration (logging, progress bars).
+            With a ``store``, an in-memory run's iteration may still be being written then
+            (in the background, sealed before the next one is written; see
+            `cwtflow.store_writer`).
         client : distributed.Client, optional
             Run this call on that cluster (its scheduler serves every computation of the call;
             see `cwtflow.cluster.open_client`). The run is always tiled: an in-memory ``data``
@@ -293,6 +296,7 @@ class CWT:
                 infos.append(info)
                 if callback is not None:
                     callback(info)
+            state = sink.finish(state)
             self.history = sink.history
         state.attrs.update(run_summary(infos, self.parameters()))
         return state
@@ -476,4 +480,8 @@ class _MemorySink:
         state.attrs.update(info.attrs())
         if self.keep:
             self.history.append(state)
+        return state
+
+    def finish(self, state: xr.Dataset) -> xr.Dataset:
+        """The final state: ``state`` itself."""
         return state

@@ -165,7 +165,7 @@ class Step(Protocol):
 
 class Sink(Protocol):
     """Where the iterations of a run go: `start`, then `write` and `complete` per iteration,
-    `close` at the end."""
+    `finish` and `close` at the end."""
 
     def start(
         self, state: xr.Dataset, *, checks: dict[str, Any] | None = None
@@ -187,6 +187,11 @@ class Sink(Protocol):
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
         """Mark iteration ``k`` done with its ``info``; the state, its attrs updated."""
+        ...
+
+    def finish(self, state: xr.Dataset) -> xr.Dataset:
+        """The final state (``state``, the last one `complete` returned, or the same values as
+        the sink keeps them), once everything the sink writes is written."""
         ...
 
     @property

@@ -7,9 +7,13 @@ complete. With ``keep_history=False`` the store keeps only the newest complete i
 (``0000`` is deleted once ``0001`` is complete, its marker first); its ``table`` attr still
 lists the statistics of every iteration.
 
-Each iteration's state is read back lazily from the store, so the dask graph of the next
-iteration starts from stored chunks and does not grow with the number of iterations; the
-residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the write.
+Each lazy (tiled) iteration's state is read back lazily from the store, so the dask graph of
+the next iteration starts from stored chunks and does not grow with the number of iterations;
+the residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the
+write. An iteration of numpy planes (the in-memory engine) is written and sealed by a
+background thread while the next one computes from the planes in memory (nothing is read
+back): at most one iteration is in flight, the next `write` and `finish` wait for it and raise
+its error (a failed write is never sealed), and `close` waits for it before releasing the lock.
 
 A tiled iteration (`cwtflow.tiled.TileWork`) is written by `ZarrSink.write_tiles`: the group's
 metadata here (the previous group's, `cwtflow.store.copy_layout`), then one task per tile
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -116,8 +122,9 @@ class ZarrSink:
         workers then read the inputs from the store.
 
     The protocol: `start` (inputs and iteration 0, or the state of a resumed run), `write`
-    (store one iteration's data, return the state read back and concrete statistics),
-    `complete` (mark it complete, prune superseded groups), `history`.
+    (store one iteration's data, return the state to continue from and concrete statistics),
+    `complete` (mark it complete, prune superseded groups), `finish` (the final state, read
+    from the store), `history`.
     """
 
     def __init__(
@@ -145,14 +152,23 @@ class ZarrSink:
         self._inputs: xr.Dataset | None = None
         self._written: dict[str, np.ndarray] = {}  # read-only planes of the last `write`
         self._table: list[dict[str, Any]] = []  # attrs of the iterations done, 1..k
+        self._background: ThreadPoolExecutor | None = None  # writes numpy iterations
+        self._pending: Future[None] | None = None  # the last job given to it
+        self._last: tuple[int, dict[str, Any]] | None = None  # k, attrs of the last completed
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory (zarr store)")
         self._lock = StoreLock(self.path)
         self._existing = False
 
     def close(self) -> None:
-        """Release the store's lock (the run is over, or failed)."""
-        self._lock.release()
+        """Release the store's lock (the run is over, or failed) once the background write
+        has ended (an error of its own is raised by `finish`, not here)."""
+        try:
+            if self._background is not None:
+                self._background.shutdown()  # waits
+        finally:
+            self._pending = self._background = None
+            self._lock.release()
 
     def _open_existing(self) -> None:
         """Take the lock, then check what the store holds (refusing what is not ours; a
@@ -223,27 +239,31 @@ class ZarrSink:
         """Store iteration ``k`` (not yet complete) and compute its ``moments`` with the write.
 
         ``moments``: `cwtflow.core.residual_moments` of the map, or a dask array of them per
-        tile (n_tiles_y, n_tiles_x, 4). Returns the state read back from the store and the
-        moments as numpy.
+        tile (n_tiles_y, n_tiles_x, 4). Returns the state to continue from (a lazy state read
+        back from the store; numpy planes as given, written in the background) and the moments
+        as numpy.
         """
+        self._wait()  # iteration k - 1 is written and sealed
         self._new_group(k)
         # a read-only numpy plane written at k - 1 (approx_bkg) is the same values: shared
         same = [n for n, a in self._written.items() if n in state and state[n].data is a]
         arrays = {n: state[n].data for n in ITERATION_VARS if n in state and n not in same}
         if all(isinstance(a, np.ndarray) for a in arrays.values()):
             # numpy: the previous group's layout, then plain zarr writes (as the tile tasks')
+            # in the background; the next iteration starts from these planes
             copy_layout(self.path, group_name(k - 1), group_name(k), self._group_attrs(k), same)
-            write_region(self.path, group_name(k), (slice(None), slice(None)), arrays)
+            self._submit(write_region, self.path, group_name(k), (slice(None),) * 2, arrays)
             moments = np.asarray(moments)
         else:
             moments = self._write_group(k, state.drop_vars(same), moments)
             link_arrays(self.path, group_name(k - 1), group_name(k), same)
+            state = self._open_state(k)
         self._written = {
             n: a
             for n in ITERATION_VARS
             if isinstance(a := state[n].data, np.ndarray) and not a.flags.writeable
         }
-        return self._open_state(k), moments
+        return state, moments
 
     def write_tiles(
         self, k: int, state: xr.Dataset, work: TileWork
@@ -267,17 +287,28 @@ class ZarrSink:
         return self._open_state(k), moments
 
     def complete(self, k: int, state: xr.Dataset, info: IterationInfo) -> xr.Dataset:
-        """Mark iteration ``k`` complete with ``info``; prune older groups without history."""
+        """Mark iteration ``k`` complete with ``info``; prune older groups without history
+        (after its background write, when it has one)."""
         self._table = [*self._table[: k - 1], info.attrs()]
-        self._mark(k, {**info.attrs(), "table": self._table})
-        if not self.settings.keep_history:
-            for old in iteration_dirs(self.path):
-                if old < k:
-                    delete_group(self.path, group_name(old))
-        self._set_status(self._status(k, info.converged))
-        consolidate(self.path)
+        self._last = (k, info.attrs())
+        attrs = {**info.attrs(), "table": self._table}
+        if self._pending is not None:  # after iteration k's background write
+            self._submit(self._seal, k, attrs, info.converged)
+        else:
+            self._seal(k, attrs, info.converged)
         state.attrs.update(info.attrs())
         return state
+
+    def finish(self, state: xr.Dataset) -> xr.Dataset:
+        """The final state once every write is done: ``state`` when it is read from the store
+        already, else the last complete iteration opened from it (its attrs as `complete`
+        left them)."""
+        self._wait()
+        if self._last is None or not isinstance(state["model"].data, np.ndarray):
+            return state
+        final = self._open_state(self._last[0])
+        final.attrs.update(self._last[1])
+        return final
 
     @property
     def history(self) -> list[xr.Dataset]:
@@ -293,6 +324,36 @@ class ZarrSink:
         if self.local_inputs:
             return dask.config.set(scheduler="threads")  # applied now, undone on exit
         return nullcontext()
+
+    def _seal(self, k: int, attrs: dict[str, Any], converged: bool) -> None:
+        """Mark group ``k`` complete with ``attrs``, prune, update the status, consolidate."""
+        self._mark(k, attrs)
+        if not self.settings.keep_history:
+            for old in iteration_dirs(self.path):
+                if old < k:
+                    delete_group(self.path, group_name(old))
+        self._set_status(self._status(k, converged))
+        consolidate(self.path)
+
+    def _submit(self, job: Callable[..., None], *args: Any) -> None:
+        """Run ``job(*args)`` in the background thread after the jobs given before it, and
+        only if they succeeded (a failed write is never sealed)."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="cwtflow-store")
+        before = self._pending
+
+        def after_before() -> None:
+            if before is not None:
+                before.result()
+            job(*args)
+
+        self._pending = self._background.submit(after_before)
+
+    def _wait(self) -> None:
+        """Wait for the background jobs; raise the error of one that failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _status(self, k: int, converged: bool) -> str:
         if converged:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import dask
@@ -53,6 +54,10 @@ def iteration_attrs(path: Path, k: int) -> dict:
     return dict(zarr.open_group(str(path), path=f"iterations/{k:04d}", mode="r").attrs)
 
 
+def is_marked(path: Path, k: int) -> bool:
+    return iteration_attrs(path, k).get(COMPLETE) is True
+
+
 def unmark(path: Path, k: int) -> None:
     """Make iteration ``k`` look like a group a killed run left behind (data, no marker)."""
     group = zarr.open_group(str(path), path=f"iterations/{k:04d}", mode="r+")
@@ -87,6 +92,60 @@ def test_store_run_equals_in_memory_run(tmp_path, maps, reference):
     assert len(cwt.history) == len(history) == 5
     for stored, kept in zip(cwt.history, history, strict=True):
         assert_same_state(stored, kept)
+
+
+def test_in_memory_iterations_are_written_behind_the_compute(
+    tmp_path, maps, reference, monkeypatch
+):
+    """The in-memory engine's iterations are written by a background thread, each after the
+    previous one is sealed, and the next iteration starts from the planes in memory: nothing
+    is read back but the initial state and the result."""
+    import cwtflow.store_writer as writer
+
+    path, writes, opened = tmp_path / "run.zarr", [], []
+    write_region, open_state = writer.write_region, ZarrSink._open_state
+
+    def logged_write(store, group, region, arrays):
+        k = int(group[-4:])
+        writes.append((k, threading.current_thread() is threading.main_thread()))
+        assert is_marked(path, k - 1)
+        write_region(store, group, region, arrays)
+
+    def logged_open(self, k):
+        opened.append(k)
+        return open_state(self, k)
+
+    monkeypatch.setattr(writer, "write_region", logged_write)
+    monkeypatch.setattr(ZarrSink, "_open_state", logged_open)
+    result = make_cwt(keep_history=False).analyze(maps, store=path)
+    assert writes == [(k, False) for k in (1, 2, 3, 4)]
+    assert opened == [0, 4]
+    assert result["model"].chunks is not None  # the result is read from the store
+    assert_same_state(result, reference[0])
+
+
+def test_failed_background_write_is_never_sealed(tmp_path, maps, reference, monkeypatch):
+    """A write that fails in the background raises from the run, leaves its group unmarked
+    and the lock released; resuming ends as an uninterrupted run."""
+    import cwtflow.store_writer as writer
+
+    original = writer.write_region
+
+    def write_region(path, group, region, arrays):
+        if group == "iterations/0002":
+            raise OSError(28, "No space left on device")
+        original(path, group, region, arrays)
+
+    monkeypatch.setattr(writer, "write_region", write_region)
+    path = tmp_path / "run.zarr"
+    with pytest.raises(OSError, match="No space left"):
+        make_cwt().analyze(maps, store=path)
+    assert open_history(path).iterations == [0, 1]
+    assert not is_marked(path, 2)
+    monkeypatch.setattr(writer, "write_region", original)
+    result = make_cwt().analyze(maps, store=path, resume=True)  # the lock was released
+    assert_same_state(result, reference[0])
+    assert open_history(path).iterations == [0, 1, 2, 3, 4]
 
 
 def test_layout_and_attrs(tmp_path, random_maps):

@@ -62,15 +62,14 @@ CHILD = textwrap.dedent(
             if len(written) == spec["after_chunks"]:
                 pause()
 
-    original_complete = history.ZarrSink.complete
+    original_seal = history.ZarrSink._seal  # marks a written iteration complete
 
-    def complete(self, j, state, info):
+    def seal(self, j, *args):
         if point == "before_mark" and j == k:
             pause()
-        out = original_complete(self, j, state, info)
+        original_seal(self, j, *args)
         if point == "after_complete" and j == k:
             pause()
-        return out
 
     original_rmtree = shutil.rmtree
 
@@ -81,7 +80,7 @@ CHILD = textwrap.dedent(
 
     if point == "mid_write":
         LocalStore.set = set_and_maybe_pause
-    history.ZarrSink.complete = complete
+    history.ZarrSink._seal = seal
     shutil.rmtree = rmtree  # the stores' group deletion (cwtflow.store.delete_group)
 
     if spec["cli"]:
