@@ -18,6 +18,13 @@ The store is the halo exchange: the graph holds one task per tile and nothing el
 travels between tasks or back to the driver, and a worker's memory holds the tiles it is
 computing, whatever the size of the map.
 
+When the tasks run in this process (dask's threaded or synchronous scheduler), a tile's final
+write is handed to one writer thread (`TileWriter`, at most `BEHIND_TILES` tiles waiting) and
+the task returns: the next tile computes while it is written, and `compute_tiles` waits for
+every write (raising a failed one's error) before it returns, so an iteration is on disk before
+its group is sealed. A worker process of a cluster writes in its task: a write that outlived
+its task could die with the worker after the scheduler saw the task done.
+
 An island threshold keeps a component only if its maximum significance reaches it, and a
 component may cross tiles: then each tile first computes its uncleaned planes and labels its
 significant pixels (`tile_components`, `cwtflow.labels.tile_labels`), writes the variables
@@ -42,6 +49,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -53,10 +62,12 @@ from .store import open_array, write_region
 from .tiled import TileWork
 
 __all__ = [
+    "BEHIND_TILES",
     "CACHE",
     "CACHE_BYTES",
     "CachedArray",
     "ChunkCache",
+    "TileWriter",
     "compute_tiles",
     "store_tile",
     "tile_components",
@@ -64,6 +75,8 @@ __all__ = [
 
 #: Bytes of decoded chunks each process keeps for the windows of its tile tasks.
 CACHE_BYTES = 256 * 2**20
+#: Tiles whose write may wait behind their task in a local run (`TileWriter`).
+BEHIND_TILES = 2
 
 
 class ChunkCache:
@@ -132,6 +145,43 @@ class CachedArray:
         return out
 
 
+class TileWriter:
+    """One thread writing the tiles of local tile tasks behind them (`compute_tiles`)."""
+
+    def __init__(self, waiting: int) -> None:
+        self._slots = threading.BoundedSemaphore(waiting)
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        """Run ``write(*args)`` in the writer thread; blocks while ``waiting`` writes wait."""
+        self._slots.acquire()
+
+        def job() -> None:
+            try:
+                write(*args)
+            finally:
+                self._slots.release()
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cwtflow-tiles")
+            self._pending.append(self._pool.submit(job))
+
+    def wait(self) -> None:
+        """Wait for every write given so far; raise the first error among them."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        errors = [error for future in pending if (error := future.exception()) is not None]
+        if errors:
+            raise errors[0]
+
+
+#: This process's writer of tiles (`TileWriter`).
+WRITER = TileWriter(BEHIND_TILES)
+
+
 def compute_tiles(
     path: str, previous: str, group: str, work: TileWork, digests: dict[str, str]
 ) -> np.ndarray:
@@ -142,7 +192,10 @@ def compute_tiles(
     With an island threshold each tile takes two tasks around one join: `tile_components`
     (writes T, E, A; its labels stay on the worker, their report goes to the join),
     `cwtflow.labels.keep_table` on the reports alone, then `store_tile` with the tile's kept
-    pixels."""
+    pixels. Tasks running in this process write behind themselves (`TileWriter`)."""
+    # the scheduler dask.compute would use for delayed tasks: this process's threads, or not
+    here = dask.base.get_scheduler(collections=[dask.delayed(None)])
+    behind = here in (dask.threaded.get, dask.local.get_sync)
     edges = [np.cumsum([0, *axis]).tolist() for axis in work.chunks]
     shape = (len(work.chunks[0]), len(work.chunks[1]))
     token = dask.base.tokenize(path, group, work)
@@ -172,11 +225,16 @@ def compute_tiles(
             work,
             digests,
             None if table is None else (joined[i, j][0], table),
+            behind=behind,
             dask_key_name=f"store-tile-{token}-{i}-{j}",
         )
         for i, j in np.ndindex(*shape)
     ]
-    (values,) = dask.compute(tasks)
+    try:
+        (values,) = dask.compute(tasks)
+    finally:
+        if behind:
+            WRITER.wait()  # every tile on disk (or the first failed write's error)
     return np.array(values, dtype=np.float64).reshape(*shape, -1)
 
 
@@ -228,12 +286,14 @@ def store_tile(
     work: TileWork,
     digests: dict[str, str],
     joined: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    behind: bool = False,
 ) -> np.ndarray:
     """One tile (rows and columns ``tile``, index ``block_id``): read its windows from the
-    store, run ``work``, write its chunks of group ``group``; returns its residual moments.
-    With an island threshold ``joined`` holds the tile's labels (`tile_components`, which
-    wrote the rest of the tile) and the table of kept components
-    (`cwtflow.labels.keep_table`)."""
+    store, run ``work``, write its chunks of group ``group`` (``behind``: by `WRITER`, after
+    the task); returns its residual moments. With an island threshold ``joined`` holds the
+    tile's labels (`tile_components`, which wrote the rest of the tile) and the table of kept
+    components (`cwtflow.labels.keep_table`)."""
     support = _open(path, previous, "support")[(slice(None), *tile)]
     if joined is None:
         arrays, moments = work(*_windows(path, previous, tile, work, digests), support, block_id)
@@ -245,7 +305,10 @@ def store_tile(
         model = _open(path, previous, "model")[tile]
         counts = _open(path, "inputs", "counts")[tile]
         arrays, moments = work.finish(transform, approx, kept, model, support, counts)
-    write_region(path, group, tile, arrays)
+    if behind:
+        WRITER.submit(write_region, path, group, tile, arrays)
+    else:
+        write_region(path, group, tile, arrays)
     return np.asarray(moments, dtype=np.float64)
 
 

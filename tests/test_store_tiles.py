@@ -3,6 +3,7 @@ read through it (the runs themselves are tested in test_history.py)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,71 @@ def test_opened_arrays_are_reused_only_while_their_metadata_is_unchanged(tmp_pat
     again = open_array(path, "g/a")
     assert again is not first and again.shape == (6, 3)
     np.testing.assert_array_equal(again[...], np.full((6, 3), 7))
+
+
+def _logged_writes(monkeypatch, fail: str | None = None) -> list[tuple[str, str]]:
+    """(group, writing thread's name) of every final tile write; ``fail``: that group's
+    first write raises."""
+    writes: list[tuple[str, str]] = []
+    original = store_tiles.write_region
+
+    def write_region(path, group, region, arrays):
+        if group == fail and not any(g == fail for g, _ in writes):
+            writes.append((group, "failed"))
+            raise OSError(28, "No space left on device")
+        original(path, group, region, arrays)
+        writes.append((group, threading.current_thread().name))  # once written
+
+    monkeypatch.setattr(store_tiles, "write_region", write_region)
+    return writes
+
+
+def test_local_tile_tasks_write_behind_and_the_iteration_waits(tmp_path, monkeypatch) -> None:
+    """On dask's threads a tile's write goes to the writer thread; every write of an iteration
+    ends before its group is sealed (the result equals the in-memory run's)."""
+    from helpers import random_arrays
+
+    maps = cwtflow.make_maps(*random_arrays(5, (90, 88)))
+    writes = _logged_writes(monkeypatch)
+    cwt = cwtflow.CWT(cwtflow.CWTKernels(1, 1.0, 2.0), max_iter=3, tol=0.0)
+    sealed = []
+
+    def seal(info):
+        group = f"iterations/{info.iteration:04d}"
+        tiles = [w for w in writes if w[0] == group]
+        sealed.append((len(tiles), cwtflow.open_history(tmp_path / "run.zarr").iterations))
+
+    result = cwt.analyze(maps, chunks=(30, 44), store=tmp_path / "run.zarr", callback=seal)
+    assert {name for _, name in writes} == {"cwtflow-tiles_0"}
+    assert sealed == [(6, [1]), (6, [2]), (6, [3])]  # 3 x 2 tiles written, then sealed
+    expected = cwtflow.CWT(cwtflow.CWTKernels(1, 1.0, 2.0), max_iter=3, tol=0.0).analyze(maps)
+    np.testing.assert_allclose(result["model"].values, expected["model"].values, atol=1e-12)
+    np.testing.assert_array_equal(result["support"].values, expected["support"].values)
+
+
+def test_cluster_tile_tasks_write_in_their_task(tmp_path, monkeypatch) -> None:
+    """A worker writes its tiles in the task itself (never behind it)."""
+    from distributed import Client, LocalCluster
+    from helpers import random_arrays
+
+    maps = cwtflow.make_maps(*random_arrays(5, (90, 88)))
+    writes = _logged_writes(monkeypatch)  # the workers are threads of this process here
+    cwt = cwtflow.CWT(cwtflow.CWTKernels(1, 1.0, 2.0), max_iter=2, tol=0.0)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            cwt.analyze(maps, chunks=(30, 44), store=tmp_path / "run.zarr", client=client)
+    assert len(writes) == 12
+    assert not any(name.startswith("cwtflow-tiles") for _, name in writes)
+
+
+def test_failed_tile_write_is_raised_and_never_sealed(tmp_path, monkeypatch) -> None:
+    from helpers import random_arrays
+
+    maps = cwtflow.make_maps(*random_arrays(5, (90, 88)))
+    writes = _logged_writes(monkeypatch, fail="iterations/0002")
+    cwt = cwtflow.CWT(cwtflow.CWTKernels(1, 1.0, 2.0), max_iter=3, tol=0.0)
+    with pytest.raises(OSError, match="No space left"):
+        cwt.analyze(maps, chunks=(30, 44), store=tmp_path / "run.zarr")
+    assert ("iterations/0002", "failed") in writes
+    assert cwtflow.open_history(tmp_path / "run.zarr").iterations == [1]
+    store_tiles.WRITER.wait()  # nothing left behind
