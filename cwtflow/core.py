@@ -118,9 +118,11 @@ def kernel_spectra(
 def _forward(padded: np.ndarray, workers: int, out: np.ndarray | None = None) -> np.ndarray:
     """``rfft2`` of a (..., P0, P1) image (stack) already zero-padded to the FFT grid (faster
     than letting scipy pad, and than pruning the zero rows by hand); written into ``out``
-    when given. One worker uses numpy's pocketfft, which writes into ``out`` without an
-    intermediate array; more use scipy.fft's threads. ``padded`` may be overwritten."""
-    if workers == 1:
+    when given. One worker on float64 uses numpy's pocketfft, which writes into ``out``
+    without an intermediate array; more workers, or float32 (numpy's float32 transforms are
+    slower than its float64 ones, scipy's twice as fast: `benchmarks/README.md`), use
+    scipy.fft. ``padded`` may be overwritten."""
+    if workers == 1 and padded.dtype == np.float64:
         return np.fft.rfft2(padded, out=out)
     spectra = scipy.fft.rfft2(padded, workers=workers, overwrite_x=True)
     if out is None:
@@ -142,10 +144,11 @@ def _inverse(
     """``irfft2(spectra, s=shape)[..., :ny, :nx]``, pruned: the column pass runs on every
     column, the row pass only on the ``ny`` rows kept. ``spectra`` is overwritten.
 
-    Returns a (..., ny, nx) view into a new (..., ny, shape[1]) buffer (no copy).
+    Returns a (..., ny, nx) view into a new (..., ny, shape[1]) buffer (no copy). The library
+    as in `_forward`.
     """
     ny, nx = out_shape
-    if workers == 1:
+    if workers == 1 and spectra.dtype == np.complex128:
         columns = np.fft.ifft(spectra, axis=-2, out=spectra)
         real = np.empty(0, dtype=spectra.dtype).real.dtype
         planes = np.empty((*spectra.shape[:-2], ny, shape[1]), dtype=real)
