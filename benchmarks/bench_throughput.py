@@ -6,8 +6,8 @@ a zarr input store; every run reads it from there and writes its history to a za
 - ``memory``: the in-memory engine (the input loaded into numpy first, outside the clock);
 - ``bare``: the same without a store (``memory - bare`` is what writing the history costs);
 - ``tiled``: tiles of ``--chunks`` on dask's threaded scheduler (``--threads`` threads);
-- ``dist1`` / ``dist2``: tiles on a `LocalCluster` of 1 and 2 single-threaded worker processes
-  (started before the clock);
+- ``dist1`` / ``dist2``: tiles on a `LocalCluster` of 1 and 2 worker processes of
+  ``--worker-threads`` threads (default 1; started before the clock);
 - the same with ``--float32`` (``memory32``, ``tiled32``...) when the engine offers it.
 
 Reported per run: the wall time of each iteration after the first (the first also writes the
@@ -58,6 +58,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best)")
     parser.add_argument("--threads", type=int, default=1, help="threads of the tiled run")
+    parser.add_argument(
+        "--worker-threads", type=int, default=1, help="threads per worker process (dist1/dist2)"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES[:4]), choices=MODES)
     parser.add_argument("--float32", action="store_true", help="also run the float32 engine")
     parser.add_argument(
@@ -160,7 +163,9 @@ def main(argv: list[str]) -> int:
             for mode in {m.removesuffix("32") for m in modes if m.startswith("dist")}:
                 n = int(mode[-1])
                 cluster = stack.enter_context(
-                    start_local_cluster(n, threads_per_worker=1, memory_limit="8GiB")
+                    start_local_cluster(
+                        n, threads_per_worker=args.worker_threads, memory_limit="8GiB"
+                    )
                 )
                 clusters[mode] = stack.enter_context(Client(cluster, set_as_default=False))
             results: dict[str, list[list[float]]] = {m: [] for m in modes}
