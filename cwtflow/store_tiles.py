@@ -19,11 +19,12 @@ travels between tasks or back to the driver, and a worker's memory holds the til
 computing, whatever the size of the map.
 
 When the tasks run in this process (dask's threaded or synchronous scheduler), a tile's final
-write is handed to one writer thread (`TileWriter`, at most `BEHIND_TILES` tiles waiting) and
-the task returns: the next tile computes while it is written, and `compute_tiles` waits for
-every write (raising a failed one's error) before it returns, so an iteration is on disk before
-its group is sealed. A worker process of a cluster writes in its task: a write that outlived
-its task could die with the worker after the scheduler saw the task done.
+write is handed to the iteration's writer thread (`TileWriter`, at most `BEHIND_TILES` tiles
+waiting) and the task returns: the next tile computes while it is written, and
+`compute_tiles` waits for every write (raising a failed one's error) before it returns, so an
+iteration is on disk before its group is sealed. A worker process of a cluster writes in its
+task: a write that outlived its task could die with the worker after the scheduler saw the
+task done.
 
 An island threshold keeps a component only if its maximum significance reaches it, and a
 component may cross tiles: then each tile first computes its uncleaned planes and labels its
@@ -146,7 +147,8 @@ class CachedArray:
 
 
 class TileWriter:
-    """One thread writing the tiles of local tile tasks behind them (`compute_tiles`)."""
+    """One thread writing the tiles of one iteration's local tasks behind them
+    (`compute_tiles`); `close` waits for every write."""
 
     def __init__(self, waiting: int) -> None:
         self._slots = threading.BoundedSemaphore(waiting)
@@ -169,17 +171,16 @@ class TileWriter:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="cwtflow-tiles")
             self._pending.append(self._pool.submit(job))
 
-    def wait(self) -> None:
-        """Wait for every write given so far; raise the first error among them."""
+    def close(self) -> None:
+        """Wait for every write given; raise the first error among them."""
         with self._lock:
             pending, self._pending = self._pending, []
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()  # waits
         errors = [error for future in pending if (error := future.exception()) is not None]
         if errors:
             raise errors[0]
-
-
-#: This process's writer of tiles (`TileWriter`).
-WRITER = TileWriter(BEHIND_TILES)
 
 
 def compute_tiles(
@@ -195,7 +196,7 @@ def compute_tiles(
     pixels. Tasks running in this process write behind themselves (`TileWriter`)."""
     # the scheduler dask.compute would use for delayed tasks: this process's threads, or not
     here = dask.base.get_scheduler(collections=[dask.delayed(None)])
-    behind = here in (dask.threaded.get, dask.local.get_sync)
+    writer = TileWriter(BEHIND_TILES) if here in (dask.threaded.get, dask.local.get_sync) else None
     edges = [np.cumsum([0, *axis]).tolist() for axis in work.chunks]
     shape = (len(work.chunks[0]), len(work.chunks[1]))
     token = dask.base.tokenize(path, group, work)
@@ -225,7 +226,7 @@ def compute_tiles(
             work,
             digests,
             None if table is None else (joined[i, j][0], table),
-            behind=behind,
+            writer=writer,
             dask_key_name=f"store-tile-{token}-{i}-{j}",
         )
         for i, j in np.ndindex(*shape)
@@ -233,8 +234,8 @@ def compute_tiles(
     try:
         (values,) = dask.compute(tasks)
     finally:
-        if behind:
-            WRITER.wait()  # every tile on disk (or the first failed write's error)
+        if writer is not None:
+            writer.close()  # every tile on disk (or the first failed write's error)
     return np.array(values, dtype=np.float64).reshape(*shape, -1)
 
 
@@ -287,11 +288,11 @@ def store_tile(
     digests: dict[str, str],
     joined: tuple[np.ndarray, np.ndarray] | None = None,
     *,
-    behind: bool = False,
+    writer: TileWriter | None = None,
 ) -> np.ndarray:
     """One tile (rows and columns ``tile``, index ``block_id``): read its windows from the
-    store, run ``work``, write its chunks of group ``group`` (``behind``: by `WRITER`, after
-    the task); returns its residual moments. With an island threshold ``joined`` holds the
+    store, run ``work``, write its chunks of group ``group`` (by ``writer``, after the task,
+    when given); returns its residual moments. With an island threshold ``joined`` holds the
     tile's labels (`tile_components`, which wrote the rest of the tile) and the table of kept
     components (`cwtflow.labels.keep_table`)."""
     support = _open(path, previous, "support")[(slice(None), *tile)]
@@ -305,8 +306,8 @@ def store_tile(
         model = _open(path, previous, "model")[tile]
         counts = _open(path, "inputs", "counts")[tile]
         arrays, moments = work.finish(transform, approx, kept, model, support, counts)
-    if behind:
-        WRITER.submit(write_region, path, group, tile, arrays)
+    if writer is not None:
+        writer.submit(write_region, path, group, tile, arrays)
     else:
         write_region(path, group, tile, arrays)
     return np.asarray(moments, dtype=np.float64)
