@@ -124,6 +124,37 @@ def test_in_memory_iterations_are_written_behind_the_compute(
     assert_same_state(result, reference[0])
 
 
+def test_failing_compute_waits_for_the_background_write(tmp_path, maps, monkeypatch):
+    """An error in the compute while an iteration is written in the background: the run
+    raises it once that write has ended, and only then releases the store's lock."""
+    import time
+
+    import cwtflow.engine as engine
+    import cwtflow.store_writer as writer
+
+    path, ended, write_region = tmp_path / "run.zarr", [], writer.write_region
+    step = engine._InMemoryStep.__call__
+
+    def slow_write(store, group, region, arrays):
+        time.sleep(0.5)
+        write_region(store, group, region, arrays)
+        ended.append((group, (path / "cwtflow.lock").exists()))
+
+    def failing_step(self, state):
+        if state.attrs.get("iteration") == 1:
+            raise RuntimeError("compute failed")
+        return step(self, state)
+
+    monkeypatch.setattr(writer, "write_region", slow_write)
+    monkeypatch.setattr(engine._InMemoryStep, "__call__", failing_step)
+    with pytest.raises(RuntimeError, match="compute failed"):
+        make_cwt().analyze(maps, store=path)
+    assert ended == [("iterations/0001", True)]  # written while the lock was held
+    assert not (path / "cwtflow.lock").exists()
+    assert is_marked(path, 1)
+    assert open_history(path).iterations == [0, 1]
+
+
 def test_failed_background_write_is_never_sealed(tmp_path, maps, reference, monkeypatch):
     """A write that fails in the background raises from the run, leaves its group unmarked
     and the lock released; resuming ends as an uninterrupted run."""
