@@ -155,9 +155,11 @@ class TileWriter:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
+        self._closed = False
 
     def submit(self, write: Callable[..., None], *args: Any) -> None:
-        """Run ``write(*args)`` in the writer thread; blocks while ``waiting`` writes wait."""
+        """Run ``write(*args)`` in the writer thread; blocks while ``waiting`` writes wait.
+        After `close` (a task dask left running when another failed) it writes here."""
         self._slots.acquire()
 
         def job() -> None:
@@ -167,15 +169,19 @@ class TileWriter:
                 self._slots.release()
 
         with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cwtflow-tiles")
-            self._pending.append(self._pool.submit(job))
+            closed = self._closed
+            if not closed:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cwtflow-tiles")
+                self._pending.append(self._pool.submit(job))
+        if closed:
+            job()
 
     def close(self) -> None:
         """Wait for every write given; raise the first error among them."""
         with self._lock:
             pending, self._pending = self._pending, []
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._closed = self._pool, None, True
         if pool is not None:
             pool.shutdown()  # waits
         errors = [error for future in pending if (error := future.exception()) is not None]
