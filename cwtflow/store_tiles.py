@@ -19,12 +19,12 @@ travels between tasks or back to the driver, and a worker's memory holds the til
 computing, whatever the size of the map.
 
 When the tasks run in this process (dask's threaded or synchronous scheduler), a tile's final
-write is handed to the iteration's writer thread (`TileWriter`, at most `BEHIND_TILES` tiles
-waiting) and the task returns: the next tile computes while it is written, and
-`compute_tiles` waits for every write (raising a failed one's error) before it returns, so an
-iteration is on disk before its group is sealed. A worker process of a cluster writes in its
-task: a write that outlived its task could die with the worker after the scheduler saw the
-task done.
+write is handed to the iteration's writer thread (`cwtflow.background.BackgroundWriter`, at
+most `BEHIND_TILES` tiles waiting) and the task returns: the next tile computes while it is
+written, and `compute_tiles` waits for every write (raising a failed one's error) before it
+returns, so an iteration is on disk before its group is sealed. A worker process of a cluster
+writes in its task: a write that outlived its task could die with the worker after the
+scheduler saw the task done.
 
 An island threshold keeps a component only if its maximum significance reaches it, and a
 component may cross tiles: then each tile first computes its uncleaned planes and labels its
@@ -50,13 +50,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dask
 import numpy as np
 
+from .background import BackgroundWriter
 from .halo import window
 from .labels import keep_table, tile_kept, tile_labels
 from .store import open_array, write_region
@@ -68,7 +67,6 @@ __all__ = [
     "CACHE_BYTES",
     "CachedArray",
     "ChunkCache",
-    "TileWriter",
     "compute_tiles",
     "store_tile",
     "tile_components",
@@ -76,7 +74,7 @@ __all__ = [
 
 #: Bytes of decoded chunks each process keeps for the windows of its tile tasks.
 CACHE_BYTES = 256 * 2**20
-#: Tiles whose write may wait behind their task in a local run (`TileWriter`).
+#: Tiles whose write may wait behind their task in a local run (`compute_tiles`).
 BEHIND_TILES = 2
 
 
@@ -146,49 +144,6 @@ class CachedArray:
         return out
 
 
-class TileWriter:
-    """One thread writing the tiles of one iteration's local tasks behind them
-    (`compute_tiles`); `close` waits for every write."""
-
-    def __init__(self, waiting: int) -> None:
-        self._slots = threading.BoundedSemaphore(waiting)
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future[None]] = []
-        self._closed = False
-
-    def submit(self, write: Callable[..., None], *args: Any) -> None:
-        """Run ``write(*args)`` in the writer thread; blocks while ``waiting`` writes wait.
-        After `close` (a task dask left running when another failed) it writes here."""
-        self._slots.acquire()
-
-        def job() -> None:
-            try:
-                write(*args)
-            finally:
-                self._slots.release()
-
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cwtflow-tiles")
-                self._pending.append(self._pool.submit(job))
-        if closed:
-            job()
-
-    def close(self) -> None:
-        """Wait for every write given; raise the first error among them."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-            pool, self._pool, self._closed = self._pool, None, True
-        if pool is not None:
-            pool.shutdown()  # waits
-        errors = [error for future in pending if (error := future.exception()) is not None]
-        if errors:
-            raise errors[0]
-
-
 def compute_tiles(
     path: str, previous: str, group: str, work: TileWork, digests: dict[str, str]
 ) -> np.ndarray:
@@ -199,10 +154,12 @@ def compute_tiles(
     With an island threshold each tile takes two tasks around one join: `tile_components`
     (writes T, E, A; its labels stay on the worker, their report goes to the join),
     `cwtflow.labels.keep_table` on the reports alone, then `store_tile` with the tile's kept
-    pixels. Tasks running in this process write behind themselves (`TileWriter`)."""
+    pixels. Tasks running in this process write behind themselves (a
+    `cwtflow.background.BackgroundWriter` per call)."""
     # the scheduler dask.compute would use for delayed tasks: this process's threads, or not
     here = dask.base.get_scheduler(collections=[dask.delayed(None)])
-    writer = TileWriter(BEHIND_TILES) if here in (dask.threaded.get, dask.local.get_sync) else None
+    local = here in (dask.threaded.get, dask.local.get_sync)
+    writer = BackgroundWriter(BEHIND_TILES, "cwtflow-tiles") if local else None
     edges = [np.cumsum([0, *axis]).tolist() for axis in work.chunks]
     shape = (len(work.chunks[0]), len(work.chunks[1]))
     token = dask.base.tokenize(path, group, work)
@@ -294,7 +251,7 @@ def store_tile(
     digests: dict[str, str],
     joined: tuple[np.ndarray, np.ndarray] | None = None,
     *,
-    writer: TileWriter | None = None,
+    writer: BackgroundWriter | None = None,
 ) -> np.ndarray:
     """One tile (rows and columns ``tile``, index ``block_id``): read its windows from the
     store, run ``work``, write its chunks of group ``group`` (by ``writer``, after the task,

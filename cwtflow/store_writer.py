@@ -11,9 +11,10 @@ Each lazy (tiled) iteration's state is read back lazily from the store, so the d
 the next iteration starts from stored chunks and does not grow with the number of iterations;
 the residual moments of the tiles (`cwtflow.core.residual_moments`) are computed with the
 write. An iteration of numpy planes (the in-memory engine) is written and sealed by a
-background thread while the next one computes from the planes in memory (nothing is read
-back): at most one iteration is in flight, the next `write` and `finish` wait for it and raise
-its error (a failed write is never sealed), and `close` waits for it before releasing the lock.
+background thread (`cwtflow.background.BackgroundWriter`) while the next one computes from the
+planes in memory (nothing is read back): at most one iteration is in flight, the next `write`
+and `finish` wait for it and raise its error (a failed write is never sealed), and `close`
+waits for it before releasing the lock.
 
 A tiled iteration (`cwtflow.tiled.TileWork`) is written by `ZarrSink.write_tiles`: the group's
 metadata here (the previous group's, `cwtflow.store.copy_layout`), then one task per tile
@@ -33,8 +34,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .background import BackgroundWriter
 from .errors import InputError, StoreError
 from .iteration import IterationInfo, Settings
 from .maps import grid_coords, raise_pixel_errors, wcs_from_attrs
@@ -152,8 +152,7 @@ class ZarrSink:
         self._inputs: xr.Dataset | None = None
         self._written: dict[str, np.ndarray] = {}  # read-only planes of the last `write`
         self._table: list[dict[str, Any]] = []  # attrs of the iterations done, 1..k
-        self._background: ThreadPoolExecutor | None = None  # writes numpy iterations
-        self._pending: Future[None] | None = None  # the last job given to it
+        self._writer = BackgroundWriter(2, "cwtflow-store")  # numpy iterations and their seals
         self._last: tuple[int, dict[str, Any]] | None = None  # k, attrs of the last completed
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory (zarr store)")
@@ -164,10 +163,8 @@ class ZarrSink:
         """Release the store's lock (the run is over, or failed) once the background write
         has ended (an error of its own is raised by `finish`, not here)."""
         try:
-            if self._background is not None:
-                self._background.shutdown()  # waits
+            self._writer.close(raise_error=False)
         finally:
-            self._pending = self._background = None
             self._lock.release()
 
     def _open_existing(self) -> None:
@@ -243,7 +240,7 @@ class ZarrSink:
         back from the store; numpy planes as given, written in the background) and the moments
         as numpy.
         """
-        self._wait()  # iteration k - 1 is written and sealed
+        self._writer.wait()  # iteration k - 1 is written and sealed
         self._new_group(k)
         # a read-only numpy plane written at k - 1 (approx_bkg) is the same values: shared
         same = [n for n, a in self._written.items() if n in state and state[n].data is a]
@@ -252,7 +249,7 @@ class ZarrSink:
             # numpy: the previous group's layout, then plain zarr writes (as the tile tasks')
             # in the background; the next iteration starts from these planes
             copy_layout(self.path, group_name(k - 1), group_name(k), self._group_attrs(k), same)
-            self._submit(write_region, self.path, group_name(k), (slice(None),) * 2, arrays)
+            self._writer.submit(write_region, self.path, group_name(k), (slice(None),) * 2, arrays)
             moments = np.asarray(moments)
         else:
             moments = self._write_group(k, state.drop_vars(same), moments)
@@ -292,8 +289,8 @@ class ZarrSink:
         self._table = [*self._table[: k - 1], info.attrs()]
         self._last = (k, info.attrs())
         attrs = {**info.attrs(), "table": self._table}
-        if self._pending is not None:  # after iteration k's background write
-            self._submit(self._seal, k, attrs, info.converged)
+        if self._writer.pending:  # after iteration k's background write
+            self._writer.submit(self._seal, k, attrs, info.converged)
         else:
             self._seal(k, attrs, info.converged)
         state.attrs.update(info.attrs())
@@ -303,7 +300,7 @@ class ZarrSink:
         """The final state once every write is done: ``state`` when it is read from the store
         already, else the last complete iteration opened from it (its attrs as `complete`
         left them)."""
-        self._wait()
+        self._writer.wait()
         if self._last is None or not isinstance(state["model"].data, np.ndarray):
             return state
         final = self._open_state(self._last[0])
@@ -334,26 +331,6 @@ class ZarrSink:
                     delete_group(self.path, group_name(old))
         self._set_status(self._status(k, converged))
         consolidate(self.path)
-
-    def _submit(self, job: Callable[..., None], *args: Any) -> None:
-        """Run ``job(*args)`` in the background thread after the jobs given before it, and
-        only if they succeeded (a failed write is never sealed)."""
-        if self._background is None:
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="cwtflow-store")
-        before = self._pending
-
-        def after_before() -> None:
-            if before is not None:
-                before.result()
-            job(*args)
-
-        self._pending = self._background.submit(after_before)
-
-    def _wait(self) -> None:
-        """Wait for the background jobs; raise the error of one that failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
 
     def _status(self, k: int, converged: bool) -> str:
         if converged:

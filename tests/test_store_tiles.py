@@ -175,35 +175,3 @@ def test_failed_tile_write_is_raised_and_never_sealed(tmp_path, monkeypatch) -> 
     assert ("iterations/0002", "failed") in writes
     assert cwtflow.open_history(tmp_path / "run.zarr").iterations == [1]
     assert not any(t.name.startswith("cwtflow-tiles") for t in threading.enumerate())
-
-
-def test_tile_writer_bounds_waits_and_raises() -> None:
-    """At most ``waiting`` writes wait; `close` waits for all and raises the first error; a
-    write given after `close` runs in the caller."""
-    import time
-
-    done: list[tuple[int, str]] = []
-    gate = threading.Event()
-
-    def write(i: int) -> None:
-        if i == 0:
-            gate.wait(5)
-        if i == 3:
-            raise OSError("disk gone")
-        done.append((i, threading.current_thread().name))
-
-    writer = store_tiles.TileWriter(2)
-    writer.submit(write, 0)
-    writer.submit(write, 1)
-    blocked = threading.Thread(target=writer.submit, args=(write, 2))
-    blocked.start()
-    time.sleep(0.2)
-    assert blocked.is_alive()  # two writes wait: the third blocks
-    gate.set()
-    blocked.join(5)
-    writer.submit(write, 3)
-    with pytest.raises(OSError, match="disk gone"):
-        writer.close()
-    assert [i for i, _ in done] == [0, 1, 2]
-    writer.submit(write, 4)
-    assert done[-1] == (4, threading.current_thread().name)
