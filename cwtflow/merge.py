@@ -46,7 +46,7 @@ import numpy as np
 
 from .likelihood import Fit, background_scale, fit_sources, poisson_loglike, source_images
 from .psf import EXTENDED_TS
-from .refine import Refined, Windows, models_on, point_fits, source_exposure
+from .refine import Refined, Windows, models_on, point_fits, source_exposure, wrapped
 
 __all__ = ["AT_CAP", "N_SWEEPS", "large_window_half", "merge_large"]
 
@@ -65,10 +65,6 @@ def large_window_half(psf_sigma: float, large_extension: float) -> int:
     return math.ceil(3.0 * math.hypot(psf_sigma, large_extension)) + 1
 
 
-def _wrapped(dx: np.ndarray | float, period: int | None):
-    return (dx + period / 2) % period - period / 2 if period else dx
-
-
 class _Sources:
     """The catalog's sources as arrays (map frame), updated merge by merge."""
 
@@ -83,7 +79,7 @@ class _Sources:
         return self.columns["keep"]
 
     def near(self, x: float, y: float, radius: float, period: int | None) -> np.ndarray:
-        dx = _wrapped(self.params[:, 1] - x, period)
+        dx = wrapped(self.params[:, 1] - x, period)
         return self.alive & (np.hypot(dx, self.params[:, 2] - y) < radius)
 
 
@@ -104,7 +100,7 @@ class _Window:
         """Map frame -> window frame (x on the window's side of the seam)."""
         out = np.array(params, dtype=np.float64)
         half = self.size / 2 - 0.5
-        out[:, 1] = _wrapped(out[:, 1] - self.origin[:, 1] - half, self.period) + half
+        out[:, 1] = wrapped(out[:, 1] - self.origin[:, 1] - half, self.period) + half
         out[:, 2] -= self.origin[:, 0]
         return out
 
@@ -229,7 +225,7 @@ def _start(sources: _Sources, i: int, group: np.ndarray, period: int | None) -> 
     """L's start: the group's summed counts at its counts-weighted centre, sigma twice i's."""
     params = sources.params
     weight = params[group, 0]
-    dx = _wrapped(params[group, 1] - params[i, 1], period)
+    dx = wrapped(params[group, 1] - params[i, 1], period)
     return np.array(
         [
             weight.sum(),

@@ -36,6 +36,7 @@ __all__ = [
     "point_fits",
     "refine",
     "source_exposure",
+    "wrapped",
 ]
 
 #: Windows per dask task.
@@ -128,8 +129,7 @@ def models_on(
     centre_x = origin[:, 1, None] + size / 2 - 0.5
     centre_y = origin[:, 0, None] + size / 2 - 0.5
     dx = x[None, :] - centre_x
-    if period:
-        dx = (dx + period / 2) % period - period / 2
+    dx = wrapped(dx, period)
     dy = y[None, :] - centre_y
     reach = size / 2 + 5 * sigma[None, :]
     w, j = np.nonzero(include & (np.abs(dx) < reach) & (np.abs(dy) < reach))
@@ -140,6 +140,12 @@ def models_on(
     )
     np.add.at(out, w, images)
     return out
+
+
+def wrapped(dx: np.ndarray | float, period: int | None) -> np.ndarray | float:
+    """x offsets ``dx`` taken the short way round a wrapping axis of ``period`` pixels (in
+    [-period / 2, period / 2)); unchanged without one."""
+    return (dx + period / 2) % period - period / 2 if period else dx
 
 
 def _neighbour_models(
@@ -337,9 +343,7 @@ def _unique(
         if not keep[i]:
             continue
         rest = order[n + 1 :]
-        dx = x[rest] - x[i]
-        if period:
-            dx = (dx + period / 2) % period - period / 2
+        dx = wrapped(x[rest] - x[i], period)
         close = np.hypot(dx, y[rest] - y[i]) < min_separation
         keep[rest[close]] = False
     return keep

@@ -153,7 +153,6 @@ class ZarrSink:
         self._written: dict[str, np.ndarray] = {}  # read-only planes of the last `write`
         self._table: list[dict[str, Any]] = []  # attrs of the iterations done, 1..k
         self._writer = BackgroundWriter(2, "cwtflow-store")  # numpy iterations and their seals
-        self._last: tuple[int, dict[str, Any]] | None = None  # k, attrs of the last completed
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory (zarr store)")
         self._lock = StoreLock(self.path)
@@ -287,7 +286,6 @@ class ZarrSink:
         """Mark iteration ``k`` complete with ``info``; prune older groups without history
         (after its background write, when it has one)."""
         self._table = [*self._table[: k - 1], info.attrs()]
-        self._last = (k, info.attrs())
         attrs = {**info.attrs(), "table": self._table}
         if self._writer.pending:  # after iteration k's background write
             self._writer.submit(self._seal, k, attrs, info.converged)
@@ -301,10 +299,11 @@ class ZarrSink:
         already, else the last complete iteration opened from it (its attrs as `complete`
         left them)."""
         self._writer.wait()
-        if self._last is None or not isinstance(state["model"].data, np.ndarray):
+        if not isinstance(state["model"].data, np.ndarray):
             return state
-        final = self._open_state(self._last[0])
-        final.attrs.update(self._last[1])
+        # numpy planes: this run completed iterations 1..k, k the length of the table
+        final = self._open_state(len(self._table))
+        final.attrs.update(self._table[-1])
         return final
 
     @property
